@@ -1,0 +1,136 @@
+"""Decoding what real uploads contain into an RGB ``PIL.Image``.
+
+Handles EXIF orientation, grayscale, CMYK, palette and alpha (composited on white), 16-bit and
+float images, and animated images (first frame). Refuses, before decoding pixels, files that
+declare more pixels than allowed. Large JPEGs can be decoded at a reduced DCT scale ("draft"),
+never below twice the size the preprocessing resizes to, which keeps the result within the
+export parity tolerance (docs/benchmarks.md).
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from pathlib import Path
+from typing import BinaryIO
+
+import numpy as np
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+from .errors import ImageError
+
+# Formats accepted from users. Others (PDF, EPS, ICO, PSD, ...) are refused: some of Pillow's
+# plugins are large attack surfaces for little use in photo classification.
+ALLOWED_FORMATS = frozenset({"JPEG", "MPO", "PNG", "GIF", "WEBP", "BMP", "TIFF"})
+
+# How much larger than the resize target the draft-decoded image must stay. The resize filter
+# then still does the final downscale, so drafting changes logits by well under the parity
+# tolerance (measured in benchmarks/bench_preprocess.py).
+DRAFT_MARGIN = 2
+
+# Pillow's own bomb check only warns below 2x its limit; ours is explicit (settings.max_image_pixels).
+Image.MAX_IMAGE_PIXELS = None
+ImageFile.LOAD_TRUNCATED_IMAGES = False
+
+Source = bytes | str | Path | BinaryIO
+
+
+def _open(source: Source) -> Image.Image:
+    if isinstance(source, bytes | bytearray | memoryview):
+        if len(source) == 0:
+            raise ImageError("the image is empty (0 bytes)", kind="empty")
+        fp: BinaryIO | str | Path = io.BytesIO(source)
+    else:
+        fp = source
+        if isinstance(source, str | Path):
+            path = Path(source)
+            if not path.is_file():
+                raise ImageError(f"no such image file: {source}", kind="undecodable")
+            if path.stat().st_size == 0:
+                raise ImageError(f"the image is empty (0 bytes): {source}", kind="empty")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            return Image.open(fp, formats=None)
+    except UnidentifiedImageError:
+        raise ImageError(
+            "not an image this service can read (expected one of: "
+            f"{', '.join(sorted(ALLOWED_FORMATS))})",
+            kind="undecodable",
+        ) from None
+    except (OSError, ValueError, SyntaxError) as e:
+        raise ImageError(f"cannot decode the image: {e}", kind="undecodable") from None
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    mode = img.mode
+    if mode == "RGB":
+        return img
+    if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        arr = np.asarray(img)
+        # 16-bit data keeps its range: scale 0..65535 to 0..255 instead of clipping at 255.
+        scale = 257.0 if mode.startswith("I;16") or arr.max(initial=0) > 255 else 1.0
+        arr8 = np.clip(np.rint(arr.astype(np.float64) / scale), 0, 255).astype(np.uint8)
+        return Image.fromarray(arr8, mode="L").convert("RGB")
+    if mode == "F":
+        arr = np.asarray(img, dtype=np.float64)
+        hi = float(np.nanmax(arr)) if arr.size else 0.0
+        arr = arr * 255.0 if hi <= 1.0 else arr
+        arr8 = np.clip(np.nan_to_num(np.rint(arr)), 0, 255).astype(np.uint8)
+        return Image.fromarray(arr8, mode="L").convert("RGB")
+    if mode == "P":
+        img = img.convert("RGBA") if "transparency" in img.info else img.convert("RGB")
+        mode = img.mode
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return img.convert("RGB")  # L, 1, CMYK, YCbCr, LAB, HSV
+
+
+def decode_image(
+    source: Source,
+    *,
+    max_pixels: int = 40_000_000,
+    draft_short_side: int | None = None,
+) -> Image.Image:
+    """Decode ``source`` (bytes, a path or a binary file) into an upright RGB image.
+
+    ``draft_short_side``: the shorter side the caller will resize to; large JPEGs are then decoded
+    at the smallest DCT scale that keeps the shorter side at least ``DRAFT_MARGIN`` times that.
+    Raises :class:`ImageError` with ``kind`` set for every way the input can be unusable.
+    """
+    img = _open(source)
+    try:
+        fmt = img.format or "unknown"
+        if fmt not in ALLOWED_FORMATS:
+            raise ImageError(
+                f"unsupported image format {fmt}; accepted: {', '.join(sorted(ALLOWED_FORMATS))}",
+                kind="unsupported_format",
+            )
+        width, height = img.size
+        if width <= 0 or height <= 0:
+            raise ImageError(f"the image declares an empty size {width}x{height}", kind="undecodable")
+        if width * height > max_pixels:
+            raise ImageError(
+                f"the image declares {width}x{height} = {width * height:,} pixels; the limit is {max_pixels:,}",
+                kind="too_large",
+            )
+        if getattr(img, "is_animated", False):
+            img.seek(0)  # animated GIF/WebP/PNG: the first frame
+        if draft_short_side and fmt in ("JPEG", "MPO"):
+            target = DRAFT_MARGIN * draft_short_side
+            short = min(width, height)
+            if short >= 2 * target:
+                scale = target / short
+                img.draft("RGB", (max(1, int(width * scale)), max(1, int(height * scale))))
+        img.load()
+        upright = ImageOps.exif_transpose(img)
+        return _to_rgb(upright if upright is not None else img)
+    except ImageError:
+        raise
+    except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as e:
+        raise ImageError(f"cannot decode the image: {e}", kind="undecodable") from None
+    finally:
+        # exif_transpose and convert return new images; close the file-backed original.
+        img.close()

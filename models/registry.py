@@ -1,0 +1,446 @@
+"""The versioned model registry, on BentoML's model store.
+
+A version is ``$BENTOML_HOME/models/<name>/<version>/`` holding BentoML's ``model.yaml`` plus
+``model.onnx``, ``spec.json`` and ``weights.safetensors``. Versions are immutable: ``spec.json``
+records the sha256 of every file, BentoML's metadata records the sha256 of ``spec.json``, and a
+version whose files changed is refused when it is loaded.
+
+Registration is atomic: the version is assembled in a staging folder on the same file system and
+moved into the store with one ``rename``, so a process killed at any moment leaves either a whole
+version or none. Aliases (``production``, ``staging``, any name) are movable pointers kept in
+``$BENTOML_HOME/backbones/aliases/<name>.json``, replaced atomically, with an append-only history.
+
+References: ``name`` (its ``production`` alias if set, else the newest version), ``name:version``
+(a unique prefix of the version is enough) and ``name@alias``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import getpass
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import socket
+import tempfile
+import uuid
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from .errors import IntegrityError, RegistryError, UnknownModelError
+from .settings import Settings, get_settings
+from .spec import SPEC_FILENAME, VersionSpec
+
+log = logging.getLogger(__name__)
+
+PRODUCTION = "production"
+BACKBONES_LABEL = "backbones"
+# BentoML's tag rule: lowercase alphanumerics, '_', '-', '.', starting and ending alphanumeric.
+_NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9._-]{0,61}[a-z0-9])?$")
+_CHUNK = 1 << 20
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def validate_name(value: str, what: str = "model name") -> str:
+    """Names, versions and aliases must be safe path components and valid BentoML tags."""
+    if not isinstance(value, str) or not _NAME_RE.match(value) or ".." in value:
+        raise RegistryError(
+            f"invalid {what} {value!r}: use 1-63 lowercase letters, digits, '_', '-' or '.', "
+            "starting and ending with a letter or digit"
+        )
+    return value
+
+
+@dataclass(frozen=True)
+class Ref:
+    """A parsed model reference."""
+
+    name: str
+    version: str | None = None
+    alias: str | None = None
+
+    @classmethod
+    def parse(cls, ref: str) -> Ref:
+        ref = ref.strip()
+        if "@" in ref:
+            name, _, alias = ref.partition("@")
+            return cls(_registry_name(name), alias=validate_name(alias, "alias"))
+        if ":" in ref:
+            name, _, version = ref.partition(":")
+            return cls(_registry_name(name), version=validate_name(version, "version"))
+        return cls(_registry_name(ref))
+
+    def __str__(self) -> str:
+        if self.alias:
+            return f"{self.name}@{self.alias}"
+        return f"{self.name}:{self.version}" if self.version else self.name
+
+
+def _registry_name(name: str) -> str:
+    # catalog names of timm models contain '/', which a store path cannot
+    return validate_name(name.replace("/", "-").lower() if "/" in name else name)
+
+
+@dataclass(frozen=True)
+class StoredVersion:
+    """A registered version whose files have been checked against its spec."""
+
+    spec: VersionSpec
+    path: Path
+
+    @property
+    def tag(self) -> str:
+        return self.spec.tag
+
+    def file(self, name: str) -> Path:
+        return self.path / name
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _actor() -> str:
+    try:
+        user = getpass.getuser()
+    except Exception:  # no user name in some containers
+        user = str(os.getuid())
+    return f"{user}@{socket.gethostname()} pid {os.getpid()}"
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class Registry:
+    """Model versions and aliases under one BentoML home (``BENTOML_HOME``)."""
+
+    def __init__(self, home: Path | str | None = None, *, settings: Settings | None = None) -> None:
+        if home is None:
+            home = (settings or get_settings()).bentoml_home
+        if home is None:
+            from bentoml._internal.configuration.containers import BentoMLContainer
+
+            home = BentoMLContainer.bentoml_home.get()
+        self.home = Path(home).expanduser().resolve()
+        self.models_dir = self.home / "models"
+        self._own = self.home / "backbones"
+        self._staging = self._own / "staging"
+        self._aliases = self._own / "aliases"
+        self._locks = self._own / "locks"
+
+    # -- store plumbing -------------------------------------------------------------------
+
+    def _ensure_dirs(self) -> None:
+        for d in (self.models_dir, self._staging, self._aliases, self._locks):
+            d.mkdir(parents=True, exist_ok=True)
+
+    @contextlib.contextmanager
+    def lock(self, name: str, purpose: str = "meta") -> Iterator[None]:
+        """An exclusive lock on ``name`` across processes. ``purpose`` keeps locks that can be
+        held at once apart (an export on first use registers, which takes the ``meta`` lock);
+        flock is not re-entrant, so a lock must never be taken twice by one process."""
+        self._ensure_dirs()
+        with open(self._locks / f"{validate_name(name)}.{purpose}.lock", "a") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+
+    def _clean_staging(self) -> None:
+        """Remove what processes killed mid-registration left behind (their pid is gone)."""
+        if not self._staging.is_dir():
+            return
+        for d in self._staging.iterdir():
+            pid = d.name.split("-", 1)[0]
+            if pid.isdigit() and not _pid_alive(int(pid)):
+                shutil.rmtree(d, ignore_errors=True)
+
+    def _version_dirs(self, name: str) -> list[Path]:
+        d = self.models_dir / name
+        if not d.is_dir():
+            return []
+        return [p for p in d.iterdir() if p.is_dir() and (p / SPEC_FILENAME).is_file()]
+
+    def _write_latest(self, name: str) -> None:
+        """BentoML's ``latest`` pointer (used by ``bentoml models get name``), kept accurate."""
+        specs = self.versions(name)
+        if specs:
+            _write_atomic(self.models_dir / name / "latest", specs[-1].version.encode())
+
+    # -- registration ---------------------------------------------------------------------
+
+    def new_version_id(self, name: str) -> str:
+        from bentoml import Tag
+
+        return str(Tag(validate_name(name)).make_new_version().version)
+
+    def register(
+        self,
+        name: str,
+        files: Mapping[str, Path],
+        spec_fields: Mapping[str, Any],
+        *,
+        version: str | None = None,
+    ) -> StoredVersion:
+        """Register ``files`` (name in the version -> source path) as a new immutable version.
+
+        ``spec_fields`` are the :class:`VersionSpec` fields other than name, version,
+        created_at and files, which are filled here. Returns the stored, checked version.
+        """
+        import bentoml
+        from bentoml._internal.models import ModelStore
+
+        validate_name(name)
+        version = validate_name(version, "version") if version else self.new_version_id(name)
+        self._ensure_dirs()
+        self._clean_staging()
+        digests = {fname: sha256_file(Path(src)) for fname, src in files.items()}
+        try:
+            spec = VersionSpec(
+                name=name, version=version, created_at=_now(), files=digests, **dict(spec_fields)
+            )
+        except ValidationError as e:
+            raise RegistryError(f"invalid spec for {name}: {e}") from None
+        spec_bytes = spec.model_dump_json(indent=2).encode()
+
+        stage_root = self._staging / f"{os.getpid()}-{uuid.uuid4().hex}"
+        target = self.models_dir / name / version
+        try:
+            stage_store = ModelStore(stage_root)
+            with bentoml.models.create(
+                bentoml.Tag(name, version),
+                labels={BACKBONES_LABEL: "1", "parent": spec.parent.replace(":", "_").replace("@", "_")[:63]},
+                metadata={"spec_sha256": hashlib.sha256(spec_bytes).hexdigest()},
+                _model_store=stage_store,
+            ) as bento_model:
+                out = Path(bento_model.path)
+                for fname, src in files.items():
+                    shutil.copyfile(src, out / fname)
+                (out / SPEC_FILENAME).write_bytes(spec_bytes)
+            staged = stage_root / name / version
+            # everything reaches the disk before it becomes visible in the store
+            for f in staged.iterdir():
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
+            (self.models_dir / name).mkdir(parents=True, exist_ok=True)
+            if target.exists():
+                raise RegistryError(f"{name}:{version} already exists; versions are immutable")
+            os.rename(staged, target)  # the atomic step: a whole version appears, or none
+            dfd = os.open(self.models_dir / name, os.O_RDONLY)
+            try:
+                os.fsync(dfd)
+            finally:
+                os.close(dfd)
+        finally:
+            shutil.rmtree(stage_root, ignore_errors=True)
+        with self.lock(name):
+            self._write_latest(name)
+        log.info("registered %s", spec.tag)
+        return StoredVersion(spec=spec, path=target)
+
+    # -- reading --------------------------------------------------------------------------
+
+    def names(self) -> list[str]:
+        if not self.models_dir.is_dir():
+            return []
+        return sorted(d.name for d in self.models_dir.iterdir() if d.is_dir() and self._version_dirs(d.name))
+
+    def _read_spec(self, vdir: Path) -> VersionSpec:
+        try:
+            return VersionSpec.model_validate_json((vdir / SPEC_FILENAME).read_bytes())
+        except (OSError, ValidationError) as e:
+            raise IntegrityError(f"{vdir.parent.name}:{vdir.name} has an unreadable spec.json ({e})") from None
+
+    def versions(self, name: str) -> list[VersionSpec]:
+        """The versions of ``name``, oldest first (unchecked: for listing)."""
+        specs = []
+        for vdir in self._version_dirs(name):
+            try:
+                specs.append(self._read_spec(vdir))
+            except IntegrityError as e:
+                log.warning("skipping %s", e)
+        return sorted(specs, key=lambda s: (s.created_at, s.version))
+
+    def list(self, name: str | None = None) -> list[VersionSpec]:
+        names = [_registry_name(name)] if name else self.names()
+        return [s for n in names for s in self.versions(n)]
+
+    def resolve(self, ref: str | Ref) -> tuple[str, str]:
+        """``(name, version)`` for a reference, without touching the version's files."""
+        r = Ref.parse(ref) if isinstance(ref, str) else ref
+        if r.alias:
+            book = self.aliases(r.name)
+            if r.alias not in book:
+                known = ", ".join(sorted(book)) or "none"
+                raise UnknownModelError(f"{r.name} has no alias {r.alias!r} (aliases: {known})")
+            return r.name, book[r.alias]
+        versions = [s.version for s in self.versions(r.name)]
+        if not versions:
+            known = ", ".join(self.names()) or "none yet"
+            raise UnknownModelError(f"no registered model {r.name!r} (registered: {known})")
+        if r.version:
+            if r.version in versions:
+                return r.name, r.version
+            matches = [v for v in versions if v.startswith(r.version)]
+            if len(matches) == 1:
+                return r.name, matches[0]
+            if len(matches) > 1:
+                raise UnknownModelError(f"{r} is ambiguous: matches {', '.join(matches)}")
+            raise UnknownModelError(f"{r.name} has no version {r.version!r} (versions: {', '.join(versions)})")
+        book = self.aliases(r.name)
+        if PRODUCTION in book and book[PRODUCTION] in versions:
+            return r.name, book[PRODUCTION]
+        return r.name, versions[-1]
+
+    def get(self, ref: str | Ref, *, verify: bool = True) -> StoredVersion:
+        """The version ``ref`` names, with every file checked against its recorded sha256."""
+        name, version = self.resolve(ref)
+        vdir = self.models_dir / name / version
+        spec = self._read_spec(vdir)
+        if verify:
+            self.verify(vdir, spec)
+        return StoredVersion(spec=spec, path=vdir)
+
+    def verify(self, vdir: Path, spec: VersionSpec) -> None:
+        from bentoml._internal.models.model import Model
+
+        tag = f"{vdir.parent.name}:{vdir.name}"
+        try:
+            expected_spec = Model.from_path(vdir).info.metadata.get("spec_sha256")
+        except Exception as e:
+            raise IntegrityError(f"{tag}: BentoML's model.yaml is unreadable ({e})") from None
+        problems = []
+        if expected_spec != sha256_file(vdir / SPEC_FILENAME):
+            problems.append(SPEC_FILENAME)
+        for fname, digest in spec.files.items():
+            path = vdir / fname
+            if not path.is_file():
+                problems.append(f"{fname} (missing)")
+            elif sha256_file(path) != digest:
+                problems.append(fname)
+        if problems:
+            raise IntegrityError(
+                f"{tag} was modified after registration ({', '.join(problems)} changed); refusing to load it. "
+                f"Register a new version (export or fine-tune again) and delete this one: backbones models delete {tag}"
+            )
+
+    # -- aliases --------------------------------------------------------------------------
+
+    def _alias_path(self, name: str) -> Path:
+        return self._aliases / f"{validate_name(name)}.json"
+
+    def _alias_doc(self, name: str) -> dict[str, Any]:
+        path = self._alias_path(name)
+        if not path.is_file():
+            return {"name": name, "aliases": {}, "history": []}
+        try:
+            doc = json.loads(path.read_text())
+        except (OSError, ValueError) as e:
+            raise RegistryError(f"alias file {path} is unreadable ({e}); restore it from a backup") from None
+        return doc  # type: ignore[no-any-return]
+
+    def aliases(self, name: str) -> dict[str, str]:
+        """Alias -> version for ``name``."""
+        return dict(self._alias_doc(_registry_name(name))["aliases"])
+
+    def alias_history(self, name: str) -> list[dict[str, Any]]:
+        return list(self._alias_doc(_registry_name(name))["history"])
+
+    def _change_alias(self, name: str, alias: str, version: str | None) -> dict[str, Any]:
+        with self.lock(name):
+            doc = self._alias_doc(name)
+            previous = doc["aliases"].get(alias)
+            if version is None:
+                if previous is None:
+                    raise UnknownModelError(f"{name} has no alias {alias!r}")
+                del doc["aliases"][alias]
+            else:
+                doc["aliases"][alias] = version
+            event = {
+                "at": _now().isoformat(),
+                "alias": alias,
+                "action": "remove" if version is None else "set",
+                "version": version,
+                "previous": previous,
+                "by": _actor(),
+            }
+            doc["history"].append(event)
+            _write_atomic(self._alias_path(name), json.dumps(doc, indent=2).encode())
+            return event
+
+    def set_alias(self, ref: str, alias: str) -> dict[str, Any]:
+        """Point ``alias`` at the version ``ref`` names; returns the history event."""
+        validate_name(alias, "alias")
+        if alias == "latest":
+            raise RegistryError("'latest' is reserved: a bare name already means the newest version")
+        name, version = self.resolve(ref)
+        return self._change_alias(name, alias, version)
+
+    def remove_alias(self, name: str, alias: str) -> dict[str, Any]:
+        return self._change_alias(_registry_name(name), validate_name(alias, "alias"), None)
+
+    # -- deletion -------------------------------------------------------------------------
+
+    def delete(self, ref: str, *, force: bool = False) -> str:
+        """Delete one version. A version an alias points to is kept unless ``force`` (which also
+        removes those aliases, recorded in their history). Returns the deleted tag."""
+        r = Ref.parse(ref)
+        if not r.version and not r.alias:
+            raise RegistryError(f"name a version to delete: {r.name}:<version> or {r.name}@<alias>")
+        name, version = self.resolve(r)
+        pointing = sorted(a for a, v in self.aliases(name).items() if v == version)
+        if pointing and not force:
+            raise RegistryError(
+                f"{name}:{version} is the target of alias {', '.join(pointing)}; move the alias first "
+                f"(backbones models alias {name}:<other version> {pointing[0]}) or pass --force"
+            )
+        for a in pointing:
+            self.remove_alias(name, a)
+        self._ensure_dirs()
+        trash = self._staging / f"{os.getpid()}-{uuid.uuid4().hex}"
+        with self.lock(name):
+            os.rename(self.models_dir / name / version, trash)  # disappears from the store at once
+            if self._version_dirs(name):
+                self._write_latest(name)
+            else:
+                shutil.rmtree(self.models_dir / name, ignore_errors=True)
+        shutil.rmtree(trash, ignore_errors=True)
+        return f"{name}:{version}"

