@@ -16,7 +16,7 @@ from functools import cache
 from pathlib import Path
 from typing import Literal
 
-from .errors import UnknownModelError, WeightsUnavailableError
+from .errors import UnknownModelError
 from .spec import Architecture, Preprocess
 
 log = logging.getLogger(__name__)
@@ -34,6 +34,7 @@ class CatalogEntry:
     preprocess: Preprocess
     feature_dim: int
     num_classes: int = 1000
+    weights_file: str | None = None  # torchvision: the checkpoint's file name in TORCH_HOME
     description: str = ""
     bundled: bool = False  # weights ship with an installed package: works offline
     _labels: Callable[[], list[str]] | None = field(default=None, repr=False, compare=False)
@@ -89,9 +90,7 @@ def get_entry(name: str) -> CatalogEntry:
         return _CATALOG[name]
     if name.startswith(TIMM_PREFIX):
         return _timm_entry(name[len(TIMM_PREFIX) :])
-    raise UnknownModelError(
-        f"unknown model {name!r}; known: {', '.join(_CATALOG)}, or timm/<any timm model name>"
-    )
+    raise UnknownModelError(f"unknown model {name!r}; known: {', '.join(_CATALOG)}, or timm/<any timm model name>")
 
 
 def find_entry(name: str) -> CatalogEntry | None:
@@ -139,18 +138,21 @@ def _timm_entry(model_name: str) -> CatalogEntry:
             mean=tuple(cfg.mean),  # type: ignore[arg-type]
             std=tuple(cfg.std),  # type: ignore[arg-type]
         ),
-        feature_dim=int(probe.num_features),
-        num_classes=int(num_classes),
+        feature_dim=int(probe.num_features),  # type: ignore[arg-type]
+        num_classes=int(num_classes),  # type: ignore[arg-type]
         description=f"timm {model_name}",
     )
 
 
-def _torchvision(name: str, enum: str, feature_dim: int, resize: int, interpolation: str, description: str) -> CatalogEntry:
+def _torchvision(
+    name: str, enum: str, file: str, feature_dim: int, resize: int, interpolation: str, description: str
+) -> CatalogEntry:
     return CatalogEntry(
         name=name,
         family="torchvision",
         arch=name,
         weights=enum,
+        weights_file=file,
         preprocess=Preprocess(resize=resize, crop=224, interpolation=interpolation),  # type: ignore[arg-type]
         feature_dim=feature_dim,
         description=description,
@@ -171,16 +173,66 @@ register_catalog(
         bundled=True,
     )
 )
-# torchvision: the resize and interpolation are those of each enum's weights.transforms()
-# (tests/test_catalog.py checks them against torchvision's own values).
-register_catalog(_torchvision("resnet18", "ResNet18_Weights.IMAGENET1K_V1", 512, 256, "bilinear", "ResNet-18, 11.7 M params"))
-register_catalog(_torchvision("resnet50", "ResNet50_Weights.IMAGENET1K_V2", 2048, 232, "bilinear", "ResNet-50, 25.6 M params"))
-register_catalog(
-    _torchvision("mobilenet_v3_large", "MobileNet_V3_Large_Weights.IMAGENET1K_V2", 1280, 232, "bilinear", "MobileNetV3-Large, 5.5 M params")
-)
-register_catalog(_torchvision("efficientnet_b0", "EfficientNet_B0_Weights.IMAGENET1K_V1", 1280, 256, "bicubic", "EfficientNet-B0, 5.3 M params"))
-register_catalog(_torchvision("convnext_tiny", "ConvNeXt_Tiny_Weights.IMAGENET1K_V1", 768, 236, "bilinear", "ConvNeXt-Tiny, 28.6 M params"))
-register_catalog(_torchvision("regnet_y_800mf", "RegNet_Y_800MF_Weights.IMAGENET1K_V2", 784, 232, "bilinear", "RegNetY-800MF, 6.4 M params"))
+# torchvision: checkpoint file, resize and interpolation are those of each enum (its url and
+# weights.transforms()), written out so that listing the catalog needs no torchvision import
+# (10 s here); tests/test_catalog.py checks them against torchvision's own values.
+for _args in (
+    (
+        "resnet18",
+        "ResNet18_Weights.IMAGENET1K_V1",
+        "resnet18-f37072fd.pth",
+        512,
+        256,
+        "bilinear",
+        "ResNet-18, 11.7 M params",
+    ),
+    (
+        "resnet50",
+        "ResNet50_Weights.IMAGENET1K_V2",
+        "resnet50-11ad3fa6.pth",
+        2048,
+        232,
+        "bilinear",
+        "ResNet-50, 25.6 M params",
+    ),
+    (
+        "mobilenet_v3_large",
+        "MobileNet_V3_Large_Weights.IMAGENET1K_V2",
+        "mobilenet_v3_large-5c1a4163.pth",
+        1280,
+        232,
+        "bilinear",
+        "MobileNetV3-Large, 5.5 M params",
+    ),
+    (
+        "efficientnet_b0",
+        "EfficientNet_B0_Weights.IMAGENET1K_V1",
+        "efficientnet_b0_rwightman-7f5810bc.pth",
+        1280,
+        256,
+        "bicubic",
+        "EfficientNet-B0, 5.3 M params",
+    ),
+    (
+        "convnext_tiny",
+        "ConvNeXt_Tiny_Weights.IMAGENET1K_V1",
+        "convnext_tiny-983f1562.pth",
+        768,
+        236,
+        "bilinear",
+        "ConvNeXt-Tiny, 28.6 M params",
+    ),
+    (
+        "regnet_y_800mf",
+        "RegNet_Y_800MF_Weights.IMAGENET1K_V2",
+        "regnet_y_800mf-58fc7688.pth",
+        784,
+        232,
+        "bilinear",
+        "RegNetY-800MF, 6.4 M params",
+    ),
+):
+    register_catalog(_torchvision(*_args))
 # A few-layer CNN with seeded random weights, registered like a real model (as timm's test_*
 # models are): tests and demos run export -> register -> serve -> fine-tune in seconds.
 register_catalog(

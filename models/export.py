@@ -8,6 +8,7 @@ identical and max |Δlogit| <= 1e-3, else :class:`ExportError` and nothing is re
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import tempfile
 import warnings
@@ -73,7 +74,9 @@ def check_graph(path: Path) -> None:
         raise ExportError(f"the graph's outputs are {outputs}, expected {list(OUTPUT_NAMES)}")
 
 
-def verify_export(path: Path, net: Backbone, batch: np.ndarray, *, tolerance: float = LOGIT_TOLERANCE) -> dict[str, Any]:
+def verify_export(
+    path: Path, net: Backbone, batch: np.ndarray, *, tolerance: float = LOGIT_TOLERANCE
+) -> dict[str, Any]:
     """Compare ONNX Runtime (CPU) with PyTorch on ``batch``; raise :class:`ExportError` on mismatch.
 
     Top-1 must agree wherever PyTorch's top-1 leads its runner-up by more than ``tolerance``
@@ -110,9 +113,13 @@ def verify_export(path: Path, net: Backbone, batch: np.ndarray, *, tolerance: fl
         "tolerance": tolerance,
     }
     if max(max_logit, max_single) > tolerance:
-        raise ExportError(f"ONNX Runtime and PyTorch logits differ by {max(max_logit, max_single):.2e} > {tolerance:.0e}; nothing was registered")
+        raise ExportError(
+            f"ONNX Runtime and PyTorch logits differ by {max(max_logit, max_single):.2e} > {tolerance:.0e}; nothing was registered"
+        )
     if not agree[decisive].all():
-        raise ExportError(f"ONNX Runtime and PyTorch disagree on top-1 for {int((~agree & decisive).sum())} image(s); nothing was registered")
+        raise ExportError(
+            f"ONNX Runtime and PyTorch disagree on top-1 for {int((~agree & decisive).sum())} image(s); nothing was registered"
+        )
     return report
 
 
@@ -138,10 +145,8 @@ def library_versions() -> dict[str, str]:
 
     out = {}
     for pkg in ("backbones", "torch", "torchvision", "timm", "onnx", "onnxruntime-gpu", "onnxruntime"):
-        try:
+        with contextlib.suppress(PackageNotFoundError):
             out[pkg] = version(pkg)
-        except PackageNotFoundError:
-            pass
     return out
 
 

@@ -54,8 +54,7 @@ def _open(source: Source) -> Image.Image:
             return Image.open(fp, formats=None)
     except UnidentifiedImageError:
         raise ImageError(
-            "not an image this service can read (expected one of: "
-            f"{', '.join(sorted(ALLOWED_FORMATS))})",
+            f"not an image this service can read (expected one of: {', '.join(sorted(ALLOWED_FORMATS))})",
             kind="undecodable",
         ) from None
     except (OSError, ValueError, SyntaxError) as e:
@@ -64,6 +63,10 @@ def _open(source: Source) -> Image.Image:
 
 def _to_rgb(img: Image.Image) -> Image.Image:
     mode = img.mode
+    if mode in ("P", "L", "RGB") and "transparency" in img.info:
+        # a transparent colour (PNG tRNS, GIF transparent index) becomes alpha, composited below
+        img = img.convert("RGBA")
+        mode = img.mode
     if mode == "RGB":
         return img
     if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
@@ -79,8 +82,7 @@ def _to_rgb(img: Image.Image) -> Image.Image:
         arr8 = np.clip(np.nan_to_num(np.rint(arr)), 0, 255).astype(np.uint8)
         return Image.fromarray(arr8, mode="L").convert("RGB")
     if mode == "P":
-        img = img.convert("RGBA") if "transparency" in img.info else img.convert("RGB")
-        mode = img.mode
+        return img.convert("RGB")
     if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
         rgba = img.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
@@ -122,8 +124,8 @@ def decode_image(
             target = DRAFT_MARGIN * draft_short_side
             short = min(width, height)
             if short >= 2 * target:
-                scale = target / short
-                img.draft("RGB", (max(1, int(width * scale)), max(1, int(height * scale))))
+                # ceil division: the requested shorter side is exactly ``target``, never one pixel less
+                img.draft("RGB", (-(-width * target // short), -(-height * target // short)))
         img.load()
         upright = ImageOps.exif_transpose(img)
         return _to_rgb(upright if upright is not None else img)
@@ -132,5 +134,7 @@ def decode_image(
     except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as e:
         raise ImageError(f"cannot decode the image: {e}", kind="undecodable") from None
     finally:
-        # exif_transpose and convert return new images; close the file-backed original.
-        img.close()
+        # exif_transpose and convert return new images: close the file-backed original, unless
+        # it was opened on a file object the caller owns (Pillow would close that too).
+        if not hasattr(source, "read"):
+            img.close()

@@ -38,7 +38,9 @@ def top_k(logits: np.ndarray, labels: Sequence[str], k: int) -> list[list[Predic
     probs = softmax(np.atleast_2d(logits))
     k = min(k, probs.shape[1])
     idx = np.argsort(-probs, axis=1, kind="stable")[:, :k]
-    return [[Prediction(int(i), labels[int(i)], float(row[i])) for i in ids] for ids, row in zip(idx, probs, strict=True)]
+    return [
+        [Prediction(int(i), labels[int(i)], float(row[i])) for i in ids] for ids, row in zip(idx, probs, strict=True)
+    ]
 
 
 class InferenceModel:
@@ -50,7 +52,9 @@ class InferenceModel:
         self.spec: VersionSpec = stored.spec
         self.tag = stored.spec.tag
         self.session = OnnxSession(stored.file(ONNX_FILENAME), settings=settings, threads=threads)
-        self.loader = ImageLoader(self.spec.preprocess, max_pixels=settings.max_image_pixels, draft=settings.draft_decoding)
+        self.loader = ImageLoader(
+            self.spec.preprocess, max_pixels=settings.max_image_pixels, draft=settings.draft_decoding
+        )
 
     @classmethod
     def load(cls, ref: str, *, registry: Registry | None = None, settings: Settings | None = None) -> InferenceModel:

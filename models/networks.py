@@ -120,8 +120,7 @@ def load_weights(net: Backbone, path: Path) -> Backbone:
     missing, unexpected = net.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise BackbonesError(
-            f"{path} does not fit the architecture: missing {sorted(missing)[:5]}, "
-            f"unexpected {sorted(unexpected)[:5]}"
+            f"{path} does not fit the architecture: missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}"
         )
     return net
 

@@ -46,8 +46,8 @@ def eval_transform(pre: Preprocess) -> Transform:
         nw, nh = resized_size(w, h, pre.resize)
         if (nw, nh) != (w, h):
             img = img.resize((nw, nh), resample)
-        top = int(round((nh - crop) / 2.0))
-        left = int(round((nw - crop) / 2.0))
+        top = round((nh - crop) / 2.0)
+        left = round((nw - crop) / 2.0)
         img = img.crop((left, top, left + crop, top + crop))
         chw = np.asarray(img, dtype=np.float32).transpose(2, 0, 1)
         return chw * scale + offset

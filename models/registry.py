@@ -16,6 +16,7 @@ References: ``name`` (its ``production`` alias if set, else the newest version),
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import fcntl
 import getpass
@@ -94,7 +95,12 @@ class Ref:
 
 def _registry_name(name: str) -> str:
     # catalog names of timm models contain '/', which a store path cannot
-    return validate_name(name.replace("/", "-").lower() if "/" in name else name)
+    if "/" not in name:
+        return validate_name(name)
+    try:
+        return validate_name(name.replace("/", "-").lower())
+    except RegistryError:
+        raise RegistryError(f"invalid model name {name!r}: only timm/<model> may contain '/'") from None
 
 
 @dataclass(frozen=True)
@@ -210,7 +216,7 @@ class Registry:
     def new_version_id(self, name: str) -> str:
         from bentoml import Tag
 
-        return str(Tag(validate_name(name)).make_new_version().version)
+        return str(Tag(validate_name(name), None).make_new_version().version)
 
     def register(
         self,
@@ -234,9 +240,7 @@ class Registry:
         self._clean_staging()
         digests = {fname: sha256_file(Path(src)) for fname, src in files.items()}
         try:
-            spec = VersionSpec(
-                name=name, version=version, created_at=_now(), files=digests, **dict(spec_fields)
-            )
+            spec = VersionSpec(name=name, version=version, created_at=_now(), files=digests, **dict(spec_fields))
         except ValidationError as e:
             raise RegistryError(f"invalid spec for {name}: {e}") from None
         spec_bytes = spec.model_dump_json(indent=2).encode()
@@ -381,8 +385,9 @@ class Registry:
         """Alias -> version for ``name``."""
         return dict(self._alias_doc(_registry_name(name))["aliases"])
 
-    def alias_history(self, name: str) -> list[dict[str, Any]]:
-        return list(self._alias_doc(_registry_name(name))["history"])
+    def alias_history(self, name: str) -> builtins.list[dict[str, Any]]:
+        """Every alias change of ``name``, oldest first (append-only)."""
+        return builtins.list(self._alias_doc(_registry_name(name))["history"])
 
     def _change_alias(self, name: str, alias: str, version: str | None) -> dict[str, Any]:
         with self.lock(name):

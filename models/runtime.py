@@ -144,5 +144,7 @@ class OnnxSession:
         self.run(np.zeros(shape, dtype=np.float32))
 
     def run(self, batch: np.ndarray) -> Outputs:
-        logits, features = self.session.run(list(OUTPUT_NAMES), {INPUT_NAME: np.ascontiguousarray(batch, dtype=np.float32)})
+        logits, features = self.session.run(
+            list(OUTPUT_NAMES), {INPUT_NAME: np.ascontiguousarray(batch, dtype=np.float32)}
+        )
         return Outputs(logits=logits, features=features)

@@ -17,7 +17,8 @@ def synthetic_image(i: int, size: tuple[int, int] | None = None) -> Image.Image:
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
     base = np.empty((h, w, 3), dtype=np.float32)
     for c in range(3):
-        fx, fy, ph = rng.uniform(0.002, 0.03, 2).tolist() + [rng.uniform(0, 6.28)]
+        fx, fy = (float(v) for v in rng.uniform(0.002, 0.03, 2))
+        ph = float(rng.uniform(0, 6.28))
         base[..., c] = 127 + 90 * np.sin(fx * xx + fy * yy + ph)
     base += rng.normal(0, 12, base.shape)
     img = Image.fromarray(np.clip(base, 0, 255).astype(np.uint8), "RGB")

@@ -24,6 +24,10 @@ class Settings(BaseSettings):
         validation_alias="BENTOML_HOME",
         description="Registry root (BentoML's home). Unset: BentoML's default, ~/bentoml.",
     )
+    torch_home: Path | None = Field(
+        default=None, validation_alias="TORCH_HOME", description="torchvision's weight cache root (torch.hub)."
+    )
+    xdg_cache_home: Path | None = Field(default=None, validation_alias="XDG_CACHE_HOME")
     providers: ProviderChoice = Field(
         default="auto",
         description="ONNX Runtime execution providers: auto = TensorRT, then CUDA, then CPU, "
@@ -40,14 +44,18 @@ class Settings(BaseSettings):
     max_image_pixels: int = Field(
         default=40_000_000,
         gt=0,
-        description="Images declaring more pixels are refused before they are decoded "
-        "(decompression bombs).",
+        description="Images declaring more pixels are refused before they are decoded (decompression bombs).",
     )
     draft_decoding: bool = Field(
         default=True,
         description="Let the JPEG decoder downscale large photos while decoding (see docs/benchmarks.md "
         "for its effect on accuracy and speed).",
     )
+
+    def torch_hub_dir(self) -> Path:
+        """Where torch.hub keeps downloads, by torch's own rule (TORCH_HOME, XDG_CACHE_HOME, ~/.cache)."""
+        root = self.torch_home or (self.xdg_cache_home or Path("~/.cache")) / "torch"
+        return root.expanduser() / "hub"
 
 
 @lru_cache(maxsize=1)

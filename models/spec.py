@@ -42,7 +42,7 @@ class Preprocess:
     @classmethod
     def from_crop_pct(cls, crop: int, crop_pct: float, **kwargs: Any) -> Preprocess:
         """timm's convention: the resize is ``floor(crop / crop_pct)`` (224 at 0.875 -> 256)."""
-        return cls(resize=int(math.floor(crop / crop_pct)), crop=crop, **kwargs)
+        return cls(resize=math.floor(crop / crop_pct), crop=crop, **kwargs)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

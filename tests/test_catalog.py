@@ -1,0 +1,106 @@
+"""Every catalog entry's metadata validated against its library (as torchvision tests its weights)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from models import Preprocess, UnknownModelError, catalog, get_entry, register_catalog
+from models.catalog import CatalogEntry
+from models.networks import build_architecture
+
+TORCHVISION = [e for e in catalog() if e.family == "torchvision"]
+
+
+def test_catalog_has_the_design_models() -> None:
+    names = {e.name for e in catalog()}
+    assert {
+        "efficientnet_lite0",
+        "resnet18",
+        "resnet50",
+        "mobilenet_v3_large",
+        "efficientnet_b0",
+        "convnext_tiny",
+        "regnet_y_800mf",
+    } <= names
+
+
+@pytest.mark.parametrize("entry", TORCHVISION, ids=lambda e: e.name)
+def test_torchvision_entry_matches_its_weights_enum(entry: CatalogEntry) -> None:
+    import torchvision
+    from torchvision.transforms import InterpolationMode
+
+    enum_name, _, member = entry.weights.partition(".")
+    weights = getattr(getattr(torchvision.models, enum_name), member)
+    t = weights.transforms()
+    assert entry.weights_file == os.path.basename(weights.url)
+    assert entry.preprocess.resize == t.resize_size[0]
+    assert entry.preprocess.crop == t.crop_size[0]
+    assert (
+        entry.preprocess.interpolation
+        == {InterpolationMode.BILINEAR: "bilinear", InterpolationMode.BICUBIC: "bicubic"}[t.interpolation]
+    )
+    assert tuple(entry.preprocess.mean) == pytest.approx(tuple(t.mean))
+    assert tuple(entry.preprocess.std) == pytest.approx(tuple(t.std))
+    assert entry.labels() == list(weights.meta["categories"])
+
+
+@pytest.mark.parametrize("entry", catalog(), ids=lambda e: e.name)
+def test_feature_dim_and_classes_match_the_architecture(entry: CatalogEntry) -> None:
+    net = build_architecture(entry.architecture)
+    assert net.feature_dim == entry.feature_dim
+    assert net.num_classes == entry.num_classes == len(entry.labels())
+
+
+def test_lite0_preprocessing_is_timms_pretrained_cfg() -> None:
+    from timm.models import get_pretrained_cfg
+
+    cfg = get_pretrained_cfg("tf_efficientnet_lite0")
+    entry = get_entry("efficientnet_lite0")
+    assert entry.preprocess == Preprocess.from_crop_pct(
+        cfg.input_size[-1], cfg.crop_pct, interpolation=cfg.interpolation, mean=tuple(cfg.mean), std=tuple(cfg.std)
+    )
+    assert entry.bundled and entry.weights_available()
+
+
+def test_unknown_name_lists_the_known_ones() -> None:
+    with pytest.raises(UnknownModelError, match="unknown model 'resnet5'; known: efficientnet_lite0, resnet18"):
+        get_entry("resnet5")
+
+
+def test_register_catalog_refuses_duplicates() -> None:
+    with pytest.raises(ValueError, match="already registered"):
+        register_catalog(get_entry("resnet18"))
+
+
+def test_timm_names_resolve_through_timm() -> None:
+    entry = get_entry("timm/resnet18.a1_in1k")
+    assert entry.family == "timm" and entry.arch == "resnet18.a1_in1k"
+    assert entry.registry_name == "timm-resnet18.a1_in1k"
+    assert entry.feature_dim == 512 and entry.num_classes == 1000
+    assert entry.preprocess.crop == 224 and entry.preprocess.resize == 235  # crop_pct 0.95
+    with pytest.raises(UnknownModelError, match="unknown timm model"):
+        get_entry("timm/not_a_model_xyz")
+
+
+@pytest.mark.slow
+def test_missing_weights_offline_give_one_line_naming_the_cache(tmp_path, run_cli) -> None:  # type: ignore[no-untyped-def]
+    """With an empty cache and no reachable download: one clear line naming the path to fill."""
+    proc = run_cli_offline(run_cli, tmp_path, "export", "resnet18")
+    assert proc.returncode == 1
+    assert "Traceback" not in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1
+    assert str(tmp_path / "torch" / "hub" / "checkpoints" / "resnet18-f37072fd.pth") in errors[0]
+    assert run_cli("models", "list", "--json").stdout.strip() == "[]"  # nothing registered
+
+
+def run_cli_offline(run_cli, tmp_path, *args):  # type: ignore[no-untyped-def]
+    env = {
+        "TORCH_HOME": str(tmp_path / "torch"),
+        # a closed local port: the download fails at once whether or not this machine has internet
+        "https_proxy": "http://127.0.0.1:9",
+        "HTTPS_PROXY": "http://127.0.0.1:9",
+    }
+    return run_cli(*args, extra_env=env)
