@@ -6,45 +6,12 @@ from __future__ import annotations
 import json
 import logging
 import sys
-from collections.abc import Callable, Iterator, Sequence
-from functools import wraps
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import click
 
-F = TypeVar("F", bound=Callable[..., Any])
-
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp", ".tif", ".tiff", ".mpo"}
-
-
-def _registry():  # type: ignore[no-untyped-def]
-    from models import Registry
-
-    return Registry()
-
-
-def handle_errors(fn: F) -> F:
-    """Turn the project's own errors into one line on stderr and exit code 1 (no traceback)."""
-
-    @wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from models import BackbonesError
-
-        try:
-            return fn(*args, **kwargs)
-        except BackbonesError as e:
-            click.echo(f"error: {e}", err=True)
-            sys.exit(1)
-        except KeyboardInterrupt:
-            click.echo("interrupted", err=True)
-            sys.exit(130)
-
-    return wrapper  # type: ignore[return-value]
-
-
-def _echo_json(obj: Any) -> None:
-    click.echo(json.dumps(obj, default=str))
+from .cli_common import echo_json, handle_errors, image_paths, open_registry
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -94,7 +61,7 @@ def models_catalog(as_json: bool) -> None:
             }
         )
     if as_json:
-        _echo_json(rows)
+        echo_json(rows)
         return
     click.echo(f"{'NAME':20} {'DIM':>5} {'INPUT':>9} {'OFFLINE':8} WEIGHTS")
     for r in rows:
@@ -126,7 +93,7 @@ def _version_row(spec: Any, aliases: dict[str, list[str]]) -> dict[str, Any]:
 @handle_errors
 def models_list(name: str | None, as_json: bool) -> None:
     """Registered versions (of NAME, or all), oldest first, with their aliases."""
-    reg = _registry()
+    reg = open_registry()
     rows = []
     for spec in reg.list(name):
         by_version: dict[str, list[str]] = {}
@@ -134,7 +101,7 @@ def models_list(name: str | None, as_json: bool) -> None:
             by_version.setdefault(version, []).append(alias)
         rows.append(_version_row(spec, by_version))
     if as_json:
-        _echo_json(rows)
+        echo_json(rows)
         return
     if not rows:
         click.echo("no registered versions yet; export one: backbones export efficientnet_lite0")
@@ -153,14 +120,14 @@ def models_list(name: str | None, as_json: bool) -> None:
 @handle_errors
 def models_show(ref: str, as_json: bool) -> None:
     """One version's record: preprocessing, labels, lineage, checksums, verification, aliases."""
-    reg = _registry()
+    reg = open_registry()
     stored = reg.get(ref)
     doc = stored.spec.model_dump(mode="json")
     doc["aliases"] = {a: v for a, v in reg.aliases(stored.spec.name).items()}
     doc["alias_history"] = reg.alias_history(stored.spec.name)
     doc["path"] = str(stored.path)
     if as_json:
-        _echo_json(doc)
+        echo_json(doc)
         return
     s = stored.spec
     pre = s.preprocess
@@ -200,7 +167,7 @@ def models_alias(ref: str, alias: str, remove: bool, as_json: bool) -> None:
     The move is atomic and recorded in an append-only history (see `models show`). A running
     service that follows the alias picks the new version up.
     """
-    reg = _registry()
+    reg = open_registry()
     if remove:
         from models.registry import Ref
 
@@ -208,7 +175,7 @@ def models_alias(ref: str, alias: str, remove: bool, as_json: bool) -> None:
     else:
         event = reg.set_alias(ref, alias)
     if as_json:
-        _echo_json(event)
+        echo_json(event)
         return
     name = _ref_name(ref)
     if remove:
@@ -231,20 +198,11 @@ def _ref_name(ref: str) -> str:
 def models_delete(ref: str, force: bool) -> None:
     """Delete one version (REF must be NAME:VERSION or NAME@ALIAS). A version that an alias
     points to is kept unless --force."""
-    tag = _registry().delete(ref, force=force)
+    tag = open_registry().delete(ref, force=force)
     click.echo(f"deleted {tag}")
 
 
 # -- export ---------------------------------------------------------------------------------
-
-
-def _image_paths(inputs: Sequence[str]) -> Iterator[Path]:
-    for item in inputs:
-        p = Path(item)
-        if p.is_dir():
-            yield from sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
-        else:
-            yield p
 
 
 @cli.command("export")
@@ -266,12 +224,12 @@ def export_cmd(name: str, as_name: str | None, verify_images: Path | None, as_js
     """
     from models.export import export_catalog
 
-    sources = list(_image_paths([str(verify_images)]))[:16] if verify_images else None
+    sources = list(image_paths([str(verify_images)]))[:16] if verify_images else None
     if not as_json:
         click.echo(f"exporting {name} ...", err=True)
-    stored = export_catalog(name, registry=_registry(), as_name=as_name, verify_sources=sources)
+    stored = export_catalog(name, registry=open_registry(), as_name=as_name, verify_sources=sources)
     if as_json:
-        _echo_json(stored.spec.model_dump(mode="json"))
+        echo_json(stored.spec.model_dump(mode="json"))
         return
     ver = stored.spec.verification
     click.echo(
@@ -304,7 +262,7 @@ def classify_cmd(ref: str, images: tuple[str, ...], top_k: int, batch_size: int,
     from models import top_k as topk
 
     model = InferenceModel.load(ref)
-    paths = list(_image_paths(images))
+    paths = list(image_paths(images))
     failed = 0
 
     def emit(path: Path, preds: list[Any] | None, error: str | None) -> None:
@@ -314,7 +272,7 @@ def classify_cmd(ref: str, images: tuple[str, ...], top_k: int, batch_size: int,
                 obj["predictions"] = [p.to_dict() for p in preds or []]
             else:
                 obj["error"] = error
-            _echo_json(obj)
+            echo_json(obj)
         elif error is not None:
             click.echo(f"{path}: error: {error}")
         else:
@@ -344,6 +302,9 @@ def classify_cmd(ref: str, images: tuple[str, ...], top_k: int, batch_size: int,
     if failed:
         click.echo(f"{failed} of {len(paths)} image(s) could not be classified", err=True)
         sys.exit(1)
+
+
+# Commands that live in modules of their own are added here, one line each.
 
 
 def main() -> None:
