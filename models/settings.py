@@ -46,11 +46,35 @@ class Settings(BaseSettings):
         gt=0,
         description="Images declaring more pixels are refused before they are decoded (decompression bombs).",
     )
+    # -- serving (service/) ------------------------------------------------------------------
+    serve_models: str = Field(
+        default="efficientnet_lite0",
+        description="Comma-separated model references the HTTP service loads; the first is the default.",
+    )
+    max_request_bytes: int = Field(default=20 * 1024 * 1024, gt=0, description="Larger request bodies get 413.")
+    max_batch_size: int = Field(
+        default=16,
+        ge=1,
+        description="Most images in one ONNX Runtime call. Requests that queue while a batch runs "
+        "form the next one (no waiting window: at low load a request runs alone, at once).",
+    )
+    queue_limit: int = Field(
+        default=128,
+        ge=1,
+        description="Requests admitted per model (decoding, queued or running); more get 503 with Retry-After.",
+    )
+    decode_threads: int = Field(default=0, ge=0, description="Threads decoding uploads; 0 = one per core.")
+    swap_poll_seconds: float = Field(
+        default=1.0, gt=0, description="How often the service checks whether a followed alias has moved."
+    )
     draft_decoding: bool = Field(
         default=True,
         description="Let the JPEG decoder downscale large photos while decoding (see docs/benchmarks.md "
         "for its effect on accuracy and speed).",
     )
+
+    def served_refs(self) -> list[str]:
+        return [r.strip() for r in self.serve_models.split(",") if r.strip()]
 
     def torch_hub_dir(self) -> Path:
         """Where torch.hub keeps downloads, by torch's own rule (TORCH_HOME, XDG_CACHE_HOME, ~/.cache)."""

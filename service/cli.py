@@ -304,6 +304,44 @@ def classify_cmd(ref: str, images: tuple[str, ...], top_k: int, batch_size: int,
         sys.exit(1)
 
 
+# -- serve ----------------------------------------------------------------------------------
+
+
+@cli.command("serve")
+@click.option(
+    "--model",
+    "refs",
+    multiple=True,
+    metavar="REF",
+    help="A model to serve (repeat for several; the first is the default). Default: efficientnet_lite0.",
+)
+@click.option("--host", default="0.0.0.0", show_default=True, help="Address to listen on.")
+@click.option("-p", "--port", default=3000, show_default=True, type=click.IntRange(1, 65535))
+@handle_errors
+def serve_cmd(refs: tuple[str, ...], host: str, port: int) -> None:
+    """Serve classification and embedding over HTTP (BentoML), on PORT.
+
+    Endpoints: POST /classify and POST /embed (multipart field 'image'; optional 'model' and
+    'top_k'), GET /models, /livez, /readyz, /metrics, and the OpenAPI page at /. A served NAME or
+    NAME@ALIAS follows its alias: `backbones models alias` switches the running service to the new
+    version without failing a request. Tuning knobs (batch size, queue limit, threads): see the
+    README's Configuration table.
+    """
+    import os
+
+    from models import get_settings
+    from models.registry import Ref
+
+    chosen = list(refs) or get_settings().served_refs()
+    for ref in chosen:
+        Ref.parse(ref)  # a bad reference fails here, in one line, not in a server worker
+    os.environ["BACKBONES_SERVE_MODELS"] = ",".join(chosen)
+    args = [sys.executable, "-m", "bentoml", "serve", "service.bento:Backbones", "--host", host, "--port", str(port)]
+    click.echo(f"serving {', '.join(chosen)} on http://{host}:{port}", err=True)
+    sys.stdout.flush()
+    os.execv(sys.executable, args)
+
+
 # Commands that live in modules of their own are added here, one line each.
 
 

@@ -1,0 +1,217 @@
+"""The models a service answers with, and hot swaps when an alias they follow moves.
+
+Each served reference (``name``, ``name@alias`` or ``name:version``) is a :class:`Slot` whose
+current :class:`ServedModel` can be replaced while the service runs: the new version is loaded,
+checked and warmed up beside the old one, then swapped in with one assignment. Requests hold the
+``ServedModel`` they started with, so in-flight requests finish on the old version, whose batcher
+drains and stops. A version that fails to load leaves the old one serving; the failure is logged,
+shown in ``/models`` and counted in ``backbones_model_swaps_total{outcome="failed"}``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from models import BackbonesError, InferenceModel, Registry, Settings
+from models.registry import Ref, StoredVersion
+
+from .batching import BatchStats, MicroBatcher
+from .metrics import metrics
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ServedModel:
+    """One loaded version with its batcher."""
+
+    model: InferenceModel
+    batcher: MicroBatcher
+    loaded_at: float = field(default_factory=time.time)
+
+    @property
+    def tag(self) -> str:
+        return self.model.tag
+
+
+@dataclass
+class Slot:
+    ref: str
+    name: str
+    follows: bool  # False for name:version, which never moves
+    current: ServedModel | None = None
+    error: str | None = None  # the last failed load, if it has not been fixed by a later one
+    failed_version: str | None = None  # a version that failed to load is not retried on every poll
+    loading: bool = False
+
+    def describe(self, registry: Registry) -> dict[str, Any]:
+        doc: dict[str, Any] = {
+            "ref": self.ref,
+            "name": self.name,
+            "follows": self.follows,
+            "ready": self.current is not None,
+        }
+        if self.current is not None:
+            spec = self.current.model.spec
+            doc.update(
+                tag=spec.tag,
+                version=spec.version,
+                loaded_at=self.current.loaded_at,
+                providers=self.current.model.session.providers,
+                spec=spec.model_dump(mode="json"),
+            )
+        try:
+            doc["aliases"] = registry.aliases(self.name)
+        except BackbonesError as e:
+            doc["aliases"] = {}
+            doc["aliases_error"] = str(e)
+        doc["last_error"] = self.error
+        return doc
+
+
+class ModelPool:
+    def __init__(self, refs: list[str], *, settings: Settings, registry: Registry | None = None) -> None:
+        if not refs:
+            raise BackbonesError("no model to serve: pass --model REF (or set BACKBONES_SERVE_MODELS)")
+        self.settings = settings
+        self.registry = registry or Registry(settings=settings)
+        self.slots: list[Slot] = []
+        for ref in refs:
+            parsed = Ref.parse(ref)
+            if any(s.name == parsed.name for s in self.slots):
+                raise BackbonesError(f"model {parsed.name!r} is listed twice; serve each name once")
+            self.slots.append(Slot(ref=ref, name=parsed.name, follows=parsed.version is None))
+        self._poller: asyncio.Task[None] | None = None
+
+    # -- lookup ---------------------------------------------------------------------------
+
+    @property
+    def ready(self) -> bool:
+        return all(s.current is not None for s in self.slots)
+
+    def not_ready_reasons(self) -> list[str]:
+        return [f"{s.ref}: {s.error or 'loading'}" for s in self.slots if s.current is None]
+
+    def find(self, requested: str | None) -> Slot | None:
+        """The slot a request's ``model`` field names (None: the first served model).
+
+        ``name``, ``name@alias`` and ``name:version`` match the slot of that name; a version or
+        alias must be the one the slot serves now."""
+        if requested is None:
+            return self.slots[0]
+        ref = Ref.parse(requested)
+        slot = next((s for s in self.slots if s.name == ref.name), None)
+        if slot is None or slot.current is None:
+            return slot
+        if ref.version and not slot.current.model.spec.version.startswith(ref.version):
+            return None
+        if ref.alias and self.registry.aliases(ref.name).get(ref.alias) != slot.current.model.spec.version:
+            return None
+        return slot
+
+    # -- loading and swapping -------------------------------------------------------------
+
+    def _make_served(self, stored: StoredVersion | None, ref: str) -> ServedModel:
+        model = (
+            InferenceModel(stored, settings=self.settings)
+            if stored is not None
+            else InferenceModel.load(ref, registry=self.registry, settings=self.settings)
+        )
+        m = metrics()
+        name, version = model.spec.name, model.spec.version
+
+        def on_batch(stats: BatchStats) -> None:
+            m.batch_size.labels(name, version).observe(stats.size)
+            m.inference_seconds.labels(name, version).observe(stats.inference_seconds)
+            for wait in stats.queue_wait:
+                m.queue_wait_seconds.labels(name, version).observe(wait)
+
+        batcher = MicroBatcher(
+            model.run,
+            max_batch_size=self.settings.max_batch_size,
+            queue_limit=self.settings.queue_limit,
+            on_batch=on_batch,
+            name=name,
+        )
+        return ServedModel(model=model, batcher=batcher)
+
+    async def _load(self, slot: Slot, stored: StoredVersion | None) -> None:
+        slot.loading = True
+        m = metrics()
+        try:
+            served = await asyncio.to_thread(self._make_served, stored, slot.ref)
+        except Exception as e:  # any failure keeps the old version serving
+            slot.error = f"{type(e).__name__}: {e}" if not isinstance(e, BackbonesError) else str(e)
+            m.swaps.labels(slot.name, "failed").inc()
+            log.error(
+                "could not load %s: %s (still serving %s)",
+                slot.ref,
+                slot.error,
+                slot.current.tag if slot.current else "nothing",
+            )
+            return
+        finally:
+            slot.loading = False
+        old, slot.current, slot.error, slot.failed_version = slot.current, served, None, None
+        m.model_loaded.labels(slot.name, served.model.spec.version).set(1)
+        if old is not None:
+            m.swaps.labels(slot.name, "ok").inc()
+            m.model_loaded.labels(slot.name, old.model.spec.version).set(0)
+            log.warning("%s now serves %s (was %s)", slot.ref, served.tag, old.tag)
+            asyncio.get_running_loop().create_task(old.batcher.close())
+        else:
+            log.warning("%s serves %s", slot.ref, served.tag)
+
+    async def _refresh(self, slot: Slot) -> None:
+        """Load the slot's model if it has none, or the version its alias now points to."""
+        if slot.loading:
+            return
+        if slot.current is None:
+            await self._load(slot, None)
+            return
+        if not slot.follows:
+            return
+        try:
+            name, version = await asyncio.to_thread(self.registry.resolve, slot.ref)
+        except BackbonesError as e:
+            slot.error = str(e)
+            return
+        if version == slot.current.model.spec.version:
+            return
+        if version == slot.failed_version:
+            return
+        try:
+            stored = await asyncio.to_thread(self.registry.get, f"{name}:{version}")
+        except BackbonesError as e:
+            slot.error, slot.failed_version = str(e), version
+            metrics().swaps.labels(slot.name, "failed").inc()
+            log.error("not switching %s to %s:%s: %s", slot.ref, name, version, e)
+            return
+        await self._load(slot, stored)
+        if slot.current is None or slot.current.model.spec.version != version:
+            slot.failed_version = version
+
+    async def start(self) -> None:
+        """Load every model (in the background) and follow their aliases."""
+        self._poller = asyncio.get_running_loop().create_task(self._poll())
+
+    async def _poll(self) -> None:
+        while True:
+            for slot in self.slots:
+                try:
+                    await self._refresh(slot)
+                except Exception:  # the poller must survive anything
+                    log.exception("refreshing %s failed", slot.ref)
+            await asyncio.sleep(self.settings.swap_poll_seconds)
+
+    async def close(self) -> None:
+        if self._poller is not None:
+            self._poller.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._poller
+        await asyncio.gather(*(s.current.batcher.close() for s in self.slots if s.current is not None))
