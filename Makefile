@@ -4,6 +4,7 @@ SHELL := /bin/bash
 PYTHON ?= python3
 UV := $(shell command -v uv 2>/dev/null || echo "$(PYTHON) -m uv")
 PYTEST_ARGS ?=
+PORT ?= 3000
 
 .PHONY: install test lint typecheck pytest serve bench clean
 
@@ -26,8 +27,13 @@ pytest: install
 
 test: lint typecheck pytest
 
+# Serves efficientnet_lite0 (weights bundled: works offline) unless BACKBONES_SERVE_MODELS says otherwise.
+serve: install
+	$(UV) run --frozen backbones serve --port $(PORT)
+
 bench: install
 	$(UV) run --frozen python benchmarks/bench_inference.py
+	$(UV) run --frozen python benchmarks/bench_serve.py
 
 clean:
 	rm -rf .venv .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,189 @@
+"""Serving throughput, measured side by side in one run on ../shared/data/imagenet-sample:
+
+1. the in-process ceiling: decode + preprocess in threads feeding batched ONNX Runtime on both
+   cores, no HTTP (the best of a few configurations);
+2. `backbones serve` (BentoML) over HTTP at 1, 16 and 64 clients: images/s, p50/p99, non-2xx;
+3. a straightforward FastAPI + PyTorch eager server (benchmarks/baseline_fastapi_torch.py), same
+   model and photos, same client counts.
+
+Targets (issue #3): HTTP >= 0.85 x ceiling at its best concurrency, zero non-2xx at 64 clients,
+>= 3 x the baseline. Usage: uv run python benchmarks/bench_serve.py [--seconds 20] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import platform
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from loadgen import LoadResult, multipart_request, run_load  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_DATA = ROOT.parent / "shared" / "data" / "imagenet-sample"
+CLIENTS = (1, 16, 64)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def ceiling(onnx_path: Path, pre, photos: list[bytes], decode_threads: int, batch: int, seconds: float) -> float:  # type: ignore[no-untyped-def]
+    from models.preprocess import ImageLoader
+    from models.runtime import OnnxSession
+
+    session = OnnxSession(onnx_path)
+    loader = ImageLoader(pre)
+    source = itertools.cycle(photos)
+    with ThreadPoolExecutor(decode_threads) as pool:
+        pending = deque(pool.submit(loader, next(source)) for _ in range(2 * batch))
+        done = 0
+        start = time.perf_counter()
+        while time.perf_counter() - start < seconds:
+            arrays = [pending.popleft().result() for _ in range(batch)]
+            pending.extend(pool.submit(loader, next(source)) for _ in range(batch))
+            session.run(np.stack(arrays))
+            done += batch
+        elapsed = time.perf_counter() - start
+        for f in pending:
+            f.cancel()
+    return done / elapsed
+
+
+def wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"server exited with {proc.returncode}")
+        try:
+            if httpx.get(url + "/readyz", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise SystemExit(f"{url} not ready after {timeout} s")
+
+
+def measure_server(args: list[str], env: dict[str, str], photos: list[bytes], seconds: float) -> list[LoadResult]:
+    port = free_port()
+    proc = subprocess.Popen(
+        [*args, "--port", str(port)],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        wait_ready(f"http://127.0.0.1:{port}", proc)
+        requests = [multipart_request("127.0.0.1", "/classify", p) for p in photos]
+        run_load("127.0.0.1", port, requests, 4, 3.0)  # warm-up
+        return [run_load("127.0.0.1", port, requests, c, seconds) for c in CLIENTS]
+    finally:
+        os.killpg(proc.pid, 15)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, 9)
+
+
+def row(name: str, r: LoadResult) -> dict[str, object]:
+    return {
+        "server": name,
+        "clients": r.clients,
+        "images_per_s": round(r.rps, 1),
+        "p50_ms": round(r.percentile(50), 1),
+        "p99_ms": round(r.percentile(99), 1),
+        "non_2xx": r.non_2xx,
+        "requests": r.ok + r.non_2xx,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="folder of photos (default: %(default)s)")
+    parser.add_argument("--seconds", type=float, default=20.0, help="seconds per measurement")
+    parser.add_argument("--no-baseline", action="store_true", help="skip the FastAPI + PyTorch server")
+    parser.add_argument("--json", action="store_true", help="print only a JSON object")
+    args = parser.parse_args()
+    if not args.data.is_dir():
+        raise SystemExit(f"no photos at {args.data} (the benchmark needs ../shared/data/imagenet-sample)")
+    photos = [
+        p.read_bytes() for p in sorted(args.data.iterdir()) if p.is_file() and p.suffix.lower() in (".jpeg", ".jpg")
+    ]
+
+    from models import Registry
+    from models.export import export_catalog
+
+    home = Path(tempfile.mkdtemp(prefix="bench-serve-")) / "bentoml"
+    stored = export_catalog("efficientnet_lite0", registry=Registry(home))
+    pre = stored.spec.preprocess
+    log = (lambda *a: None) if args.json else (lambda *a: print(*a, file=sys.stderr, flush=True))
+
+    configs = [(2, 16), (1, 16), (2, 8)]
+    ceilings = {}
+    for threads, batch in configs:
+        ceilings[f"decode_threads={threads} batch={batch}"] = ceiling(
+            stored.file("model.onnx"), pre, photos, threads, batch, args.seconds / 2
+        )
+        log("ceiling", threads, batch, round(list(ceilings.values())[-1], 1))
+    best_ceiling = max(ceilings.values())
+
+    env = {**os.environ, "BENTOML_HOME": str(home), "BENTOML_DO_NOT_TRACK": "true"}
+    ours = measure_server(
+        [sys.executable, "-m", "service.cli", "serve", "--model", "efficientnet_lite0", "--host", "127.0.0.1"],
+        env,
+        photos,
+        args.seconds,
+    )
+    rows = [row("backbones serve", r) for r in ours]
+    for r in rows:
+        log(r)
+    base: list[LoadResult] = []
+    if not args.no_baseline:
+        base = measure_server([sys.executable, "benchmarks/baseline_fastapi_torch.py"], env, photos, args.seconds)
+        rows += [row("FastAPI + PyTorch eager", r) for r in base]
+    best_ours = max(r.rps for r in ours)
+    result = {
+        "machine": f"{os.cpu_count()} cores, {platform.processor() or platform.machine()}",
+        "photos": len(photos),
+        "ceiling_images_per_s": {k: round(v, 1) for k, v in ceilings.items()},
+        "rows": rows,
+        "http_over_ceiling": round(best_ours / best_ceiling, 3),
+        "non_2xx_at_64": next(r.non_2xx for r in ours if r.clients == 64),
+        "over_baseline": round(best_ours / max(r.rps for r in base), 2) if base else None,
+    }
+    if args.json:
+        print(json.dumps(result))
+        return
+    print(f"in-process ceiling (decode + ONNX Runtime, no HTTP): {best_ceiling:.1f} images/s")
+    for k, v in ceilings.items():
+        print(f"  {k:28} {v:7.1f} images/s")
+    print(f"\n{'server':26} {'clients':>7} {'images/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'non-2xx':>8}")
+    for r in rows:
+        print(
+            f"{r['server']:26} {r['clients']:>7} {r['images_per_s']:>9} {r['p50_ms']:>8} {r['p99_ms']:>8} {r['non_2xx']:>8}"
+        )
+    print(f"\nHTTP best / in-process ceiling: {result['http_over_ceiling']:.2f} (target >= 0.85)")
+    print(f"non-2xx at 64 clients: {result['non_2xx_at_64']} (target 0)")
+    if base:
+        print(f"backbones best / FastAPI + PyTorch best: {result['over_baseline']:.2f}x (target >= 3)")
+
+
+if __name__ == "__main__":
+    main()
