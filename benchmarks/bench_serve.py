@@ -30,7 +30,7 @@ import httpx
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from loadgen import LoadResult, multipart_request, run_load  # noqa: E402
+from loadgen import LoadResult, multipart_request, run_load
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "imagenet-sample"
