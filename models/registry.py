@@ -144,6 +144,28 @@ def _write_atomic(path: Path, data: bytes) -> None:
         raise
 
 
+def _write_bento_model_yaml(folder: Path, name: str, version: str, spec: VersionSpec, spec_sha256: str) -> None:
+    """BentoML's own record of the model (``model.yaml``), written with BentoML's classes so that
+    ``bentoml models list/get`` see every version; checked by reading it back."""
+    from bentoml import Tag
+    from bentoml._internal.models.model import Model, ModelContext, ModelInfo, ModelOptions
+
+    info = ModelInfo(
+        tag=Tag(name, version),
+        module="",
+        labels={BACKBONES_LABEL: "1", "parent": re.sub(r"[^a-z0-9._-]", "_", spec.parent.lower())[:63]},
+        options=ModelOptions(),
+        metadata={"spec_sha256": spec_sha256},
+        context=ModelContext(framework_name="onnx", framework_versions=dict(spec.exporter)),
+        signatures={},
+        api_version="v1",
+        creation_time=spec.created_at,
+    )
+    with open(folder / "model.yaml", "w", encoding="utf8") as f:
+        info.dump(f)
+    Model.from_path(folder)  # raises if BentoML cannot read what was written
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -231,13 +253,15 @@ class Registry:
         ``spec_fields`` are the :class:`VersionSpec` fields other than name, version,
         created_at and files, which are filled here. Returns the stored, checked version.
         """
-        import bentoml
-        from bentoml._internal.models import ModelStore
-
         validate_name(name)
         version = validate_name(version, "version") if version else self.new_version_id(name)
         self._ensure_dirs()
         self._clean_staging()
+        for fname in files:
+            if fname in (SPEC_FILENAME, "model.yaml") or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", fname):
+                raise RegistryError(
+                    f"invalid file name {fname!r} for a version (plain names only; {SPEC_FILENAME} is written here)"
+                )
         digests = {fname: sha256_file(Path(src)) for fname, src in files.items()}
         try:
             spec = VersionSpec(name=name, version=version, created_at=_now(), files=digests, **dict(spec_fields))
@@ -245,21 +269,14 @@ class Registry:
             raise RegistryError(f"invalid spec for {name}: {e}") from None
         spec_bytes = spec.model_dump_json(indent=2).encode()
 
-        stage_root = self._staging / f"{os.getpid()}-{uuid.uuid4().hex}"
+        staged = self._staging / f"{os.getpid()}-{uuid.uuid4().hex}"
         target = self.models_dir / name / version
         try:
-            stage_store = ModelStore(stage_root)
-            with bentoml.models.create(
-                bentoml.Tag(name, version),
-                labels={BACKBONES_LABEL: "1", "parent": spec.parent.replace(":", "_").replace("@", "_")[:63]},
-                metadata={"spec_sha256": hashlib.sha256(spec_bytes).hexdigest()},
-                _model_store=stage_store,
-            ) as bento_model:
-                out = Path(bento_model.path)
-                for fname, src in files.items():
-                    shutil.copyfile(src, out / fname)
-                (out / SPEC_FILENAME).write_bytes(spec_bytes)
-            staged = stage_root / name / version
+            staged.mkdir(parents=True)
+            for fname, src in files.items():
+                shutil.copyfile(src, staged / fname)
+            (staged / SPEC_FILENAME).write_bytes(spec_bytes)
+            _write_bento_model_yaml(staged, name, version, spec, hashlib.sha256(spec_bytes).hexdigest())
             # everything reaches the disk before it becomes visible in the store
             for f in staged.iterdir():
                 with open(f, "rb") as fh:
@@ -274,7 +291,7 @@ class Registry:
             finally:
                 os.close(dfd)
         finally:
-            shutil.rmtree(stage_root, ignore_errors=True)
+            shutil.rmtree(staged, ignore_errors=True)
         with self.lock(name):
             self._write_latest(name)
         log.info("registered %s", spec.tag)

@@ -55,10 +55,26 @@ def available(entry: CatalogEntry) -> bool:
     return False
 
 
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face endpoint answers at all. Offline, huggingface_hub would retry for a
+    minute before failing; this fails in one line at once."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    url = urlparse(constants.ENDPOINT)
+    try:
+        with socket.create_connection((url.hostname or "", url.port or 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
 def _unavailable(entry: CatalogEntry, err: BaseException) -> WeightsUnavailableError:
     where = cache_path(entry)
     return WeightsUnavailableError(
-        f"pretrained weights for {entry.name} ({entry.weights}) could not be loaded ({type(err).__name__}); "
+        f"pretrained weights for {entry.name} ({entry.weights}) could not be loaded ({type(err).__name__}: {err}); "
         f"on a machine without internet, fill the cache at {where} (copy it from a machine that has run "
         f"`backbones export {entry.name}`), or use efficientnet_lite0, whose weights are bundled"
     )
@@ -112,6 +128,8 @@ def build_pretrained(entry: CatalogEntry) -> Backbone:
     elif entry.family == "timm":
         import timm
 
+        if not available(entry) and not _hub_reachable():
+            raise _unavailable(entry, ConnectionError("the Hugging Face hub is unreachable"))
         try:
             model = timm.create_model(entry.arch, pretrained=True)
         except Exception as e:
