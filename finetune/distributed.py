@@ -1,0 +1,117 @@
+"""Distributed data parallel plumbing for the full fine-tune.
+
+Under ``torchrun`` (detected with torch's own ``is_torchelastic_launched``; torchrun's variables are
+read by ``init_process_group`` itself), each process trains on its shard: NCCL on GPUs, gloo on the
+CPU. Outside torchrun the same code runs as a world of one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DistContext:
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    backend: str | None = None
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def pick_device(choice: str) -> torch.device:
+    if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            from .errors import TrainingError
+
+            raise TrainingError("--device cuda was asked for, but PyTorch sees no CUDA GPU; use --device cpu or auto")
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def launched() -> bool:
+    """True inside a process started by ``torchrun``."""
+    return dist.is_torchelastic_launched()
+
+
+@contextlib.contextmanager
+def process_group(device_choice: str = "auto") -> Iterator[DistContext]:
+    """Join the process group when started by torchrun (and leave it on exit); yields the context."""
+    device = pick_device(device_choice)
+    if not launched():
+        yield DistContext(device=device)
+        return
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(backend=backend, timeout=timedelta(minutes=30))
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if device.type == "cuda":
+        # one GPU per process; torchrun numbers processes on a node from 0
+        device = torch.device("cuda", rank % torch.cuda.device_count())
+        torch.cuda.set_device(device)
+    log.info("process %d of %d (%s, %s)", rank, world, backend, device)
+    try:
+        yield DistContext(rank=rank, world_size=world, device=device, backend=backend)
+    finally:
+        with contextlib.suppress(Exception):
+            dist.barrier()
+        dist.destroy_process_group()
+
+
+def barrier(ctx: DistContext) -> None:
+    if ctx.distributed:
+        dist.barrier()
+
+
+def all_reduce_sum(ctx: DistContext, values: torch.Tensor) -> torch.Tensor:
+    """Element-wise sum over processes (a copy; ``values`` stays as it was)."""
+    out = values.detach().clone().to(ctx.device)
+    if ctx.distributed:
+        dist.all_reduce(out, op=dist.ReduceOp.SUM)
+    return out.cpu()
+
+
+def gather_rows(ctx: DistContext, rows: torch.Tensor, count: int) -> torch.Tensor:
+    """Concatenate every process's ``rows`` (shape (m, ...), m may differ by process, padded here)
+    in rank order; ``count`` = the largest m over processes."""
+    if not ctx.distributed:
+        return rows
+    padded = torch.zeros((count, *rows.shape[1:]), dtype=rows.dtype, device=ctx.device)
+    padded[: rows.shape[0]] = rows.to(ctx.device)
+    sizes = [torch.zeros(1, dtype=torch.int64, device=ctx.device) for _ in range(ctx.world_size)]
+    dist.all_gather(sizes, torch.tensor([rows.shape[0]], dtype=torch.int64, device=ctx.device))
+    parts = [torch.zeros_like(padded) for _ in range(ctx.world_size)]
+    dist.all_gather(parts, padded)
+    return torch.cat([p[: int(n.item())] for p, n in zip(parts, sizes, strict=True)]).cpu()
+
+
+def sync_buffers(ctx: DistContext, module: torch.nn.Module) -> None:
+    """Give every process rank 0's buffers (BatchNorm running statistics drift apart between the
+    per-step broadcasts DDP does), so that evaluation and the saved weights agree across processes."""
+    if ctx.distributed:
+        for buf in module.buffers():
+            dist.broadcast(buf.data, src=0)
+
+
+def broadcast_flag(ctx: DistContext, flag: bool) -> bool:
+    """Rank 0's ``flag`` on every process."""
+    if not ctx.distributed:
+        return flag
+    t = torch.tensor([int(flag)], device=ctx.device)
+    dist.broadcast(t, src=0)
+    return bool(t.item())

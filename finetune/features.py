@@ -1,0 +1,242 @@
+"""Features (and logits) of a registered version on a set of images, cached on disk.
+
+The cache lives under the registry home (``<home>/backbones/feature-cache/``), one folder per model
+version and decode setting; the key of an image is the sha256 of its content, so a renamed or moved
+photo is still a hit and a changed one is a miss. Each run that computes something adds one shard
+(a safetensors file: ``features``, ``logits``, and the image hashes in its metadata), written to a
+temporary name and renamed, so readers never see half a shard. Images that failed to decode are
+remembered too, so a second run on the same photos decodes nothing at all.
+
+The features come from the version's own ONNX session and eval preprocessing
+(:class:`models.inference.InferenceModel`): exactly what serving computes, no augmentation.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from models import InferenceModel, Registry, Settings, StoredVersion, get_settings
+from models.registry import sha256_file
+from models.runtime import available_cores
+from models.spec import SPEC_FILENAME
+
+from .data import Sample
+
+log = logging.getLogger(__name__)
+
+CACHE_DIRNAME = "feature-cache"
+
+
+def cache_root(registry: Registry) -> Path:
+    return registry.home / "backbones" / CACHE_DIRNAME
+
+
+def model_key(stored: StoredVersion, settings: Settings) -> str:
+    """The cache folder of a version: its tag, and a hash of its spec file (so a version deleted and
+    registered again under the same tag is not mistaken for the old one) and of the decode settings
+    that change pixels (draft decoding) or what is refused (the pixel limit)."""
+    spec_sha = sha256_file(stored.file(SPEC_FILENAME))
+    decode = json.dumps({"draft": settings.draft_decoding, "max_pixels": settings.max_image_pixels}, sort_keys=True)
+    digest = hashlib.sha256(f"{spec_sha}\0{decode}".encode()).hexdigest()[:20]
+    return f"{stored.spec.name}--{stored.spec.version}--{digest}"
+
+
+@dataclass
+class FeatureStats:
+    """What one extraction did: ``computed`` images went through the model, ``cached`` did not."""
+
+    computed: int = 0
+    cached: int = 0
+    failed: int = 0
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, float | int]:
+        return {"computed": self.computed, "cached": self.cached, "failed": self.failed, "seconds": self.seconds}
+
+
+@dataclass
+class FeatureTable:
+    """Rows of features and logits by image sha256."""
+
+    features: np.ndarray
+    logits: np.ndarray
+    index: dict[str, int]
+    failed: dict[str, str]  # sha256 -> why it could not be decoded
+    stats: FeatureStats = field(default_factory=FeatureStats)
+
+    def rows(self, samples: Sequence[Sample]) -> tuple[np.ndarray, np.ndarray]:
+        """``(features, logits)`` of ``samples``, in their order (all must have been extracted)."""
+        idx = [self.index[s.sha256] for s in samples]
+        return self.features[idx], self.logits[idx]
+
+
+class FeatureCache:
+    """The on-disk cache of one model version's outputs (see the module docstring)."""
+
+    def __init__(self, root: Path, key: str) -> None:
+        self.dir = root / key
+
+    def load(self) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], dict[str, str]]:
+        """Everything cached: sha256 -> (features, logits), and sha256 -> failure reason."""
+        from safetensors import safe_open
+
+        rows: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        failed: dict[str, str] = {}
+        if not self.dir.is_dir():
+            return rows, failed
+        for shard in sorted(self.dir.glob("*.safetensors")):
+            try:
+                with safe_open(str(shard), framework="numpy") as f:
+                    meta = f.metadata() or {}
+                    shas = json.loads(meta.get("sha256", "[]"))
+                    failed.update(json.loads(meta.get("failed", "{}")))
+                    if shas:
+                        feats, logits = f.get_tensor("features"), f.get_tensor("logits")
+                        for i, sha in enumerate(shas):
+                            rows[sha] = (feats[i], logits[i])
+            except Exception as e:  # a damaged shard is a cache miss, never a failed run
+                log.warning("ignoring unreadable feature-cache shard %s (%s)", shard, e)
+        for sha in rows:
+            failed.pop(sha, None)
+        return rows, failed
+
+    def add(self, shas: Sequence[str], features: np.ndarray, logits: np.ndarray, failed: dict[str, str]) -> None:
+        """Write one shard with new rows and failures (atomically: temp file, then rename)."""
+        from safetensors.numpy import save_file
+
+        if not shas and not failed:
+            return
+        self.dir.mkdir(parents=True, exist_ok=True)
+        tensors = (
+            {"features": np.ascontiguousarray(features), "logits": np.ascontiguousarray(logits)} if len(shas) else {}
+        )
+        if not tensors:  # safetensors needs a tensor; a failures-only shard carries an empty one
+            tensors = {"features": np.zeros((0, 1), np.float32), "logits": np.zeros((0, 1), np.float32)}
+        meta = {"sha256": json.dumps(list(shas)), "failed": json.dumps(failed)}
+        fd, tmp = tempfile.mkstemp(dir=self.dir, prefix=".shard-", suffix=".tmp")
+        os.close(fd)
+        try:
+            save_file(tensors, tmp, metadata=meta)
+            os.replace(tmp, self.dir / f"{os.getpid()}-{uuid.uuid4().hex}.safetensors")
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+
+def _batches(items: Sequence[Sample], size: int) -> Iterator[Sequence[Sample]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def extract_features(
+    stored: StoredVersion,
+    samples: Sequence[Sample],
+    *,
+    registry: Registry,
+    settings: Settings | None = None,
+    batch_size: int = 32,
+    workers: int | None = None,
+    use_cache: bool = True,
+    progress: bool = False,
+) -> FeatureTable:
+    """Features and logits of ``samples`` under ``stored``; images that fail to decode are listed in
+    ``failed``, not raised. With the cache warm the model is not even loaded."""
+    from tqdm import tqdm
+
+    settings = settings or get_settings()
+    start = time.perf_counter()
+    cache = FeatureCache(cache_root(registry), model_key(stored, settings)) if use_cache else None
+    cached, known_bad = cache.load() if cache else ({}, {})
+    unique: dict[str, Sample] = {}
+    for s in samples:
+        unique.setdefault(s.sha256, s)
+    todo = [s for sha, s in unique.items() if sha not in cached and sha not in known_bad]
+    stats = FeatureStats(cached=len(unique) - len(todo))
+    new_shas: list[str] = []
+    new_feats: list[np.ndarray] = []
+    new_logits: list[np.ndarray] = []
+    new_failed: dict[str, str] = {}
+    if todo:
+        log.info("computing features of %d image(s) with %s (%d cached)", len(todo), stored.tag, stats.cached)
+        model = InferenceModel(stored, settings=settings)
+        threads = max(1, workers if workers is not None else min(4, available_cores()))
+
+        def decode(s: Sample) -> np.ndarray | str:
+            try:
+                return model.loader(s.path)
+            except Exception as e:  # ImageError, or a file that vanished since the scan
+                return str(e) or type(e).__name__
+
+        batches = list(_batches(todo, batch_size))
+        with (
+            ThreadPoolExecutor(threads) as pool,
+            tqdm(total=len(todo), desc="features", unit="img", disable=not progress, leave=False) as bar,
+        ):
+            # pool.map submits at once: the next batch decodes while ONNX Runtime runs this one
+            ahead = pool.map(decode, batches[0])
+            for i, batch in enumerate(batches):
+                results = ahead
+                if i + 1 < len(batches):
+                    ahead = pool.map(decode, batches[i + 1])
+                arrays, good = [], []
+                for s, r in zip(batch, results, strict=True):
+                    if isinstance(r, str):
+                        new_failed[s.sha256] = r
+                        log.debug("cannot decode %s: %s", s.rel, r)
+                    else:
+                        arrays.append(r)
+                        good.append(s.sha256)
+                if arrays:
+                    out = model.run(np.stack(arrays))
+                    new_shas.extend(good)
+                    new_feats.append(out.features)
+                    new_logits.append(out.logits)
+                bar.update(len(batch))
+        stats.computed = len(new_shas)
+        if cache:
+            cache.add(
+                new_shas,
+                np.concatenate(new_feats) if new_feats else np.zeros((0, 1), np.float32),
+                np.concatenate(new_logits) if new_logits else np.zeros((0, 1), np.float32),
+                new_failed,
+            )
+    else:
+        log.info("all %d image(s) have cached features for %s: no feature work", len(unique), stored.tag)
+    failed = {sha: why for sha, why in {**known_bad, **new_failed}.items() if sha in unique}
+    stats.failed = len(failed)
+    index: dict[str, int] = {}
+    feats: list[np.ndarray] = []
+    logits: list[np.ndarray] = []
+    fresh = (
+        dict(zip(new_shas, zip(np.concatenate(new_feats), np.concatenate(new_logits), strict=True), strict=True))
+        if new_shas
+        else {}
+    )
+    for sha in unique:
+        row = fresh.get(sha) or cached.get(sha)
+        if row is None:
+            continue
+        index[sha] = len(feats)
+        feats.append(row[0])
+        logits.append(row[1])
+    stats.seconds = time.perf_counter() - start
+    dim, classes = stored.spec.feature_dim, stored.spec.num_classes
+    return FeatureTable(
+        features=np.stack(feats).astype(np.float32) if feats else np.zeros((0, dim), np.float32),
+        logits=np.stack(logits).astype(np.float32) if logits else np.zeros((0, classes), np.float32),
+        index=index,
+        failed=failed,
+        stats=stats,
+    )
