@@ -343,6 +343,12 @@ def serve_cmd(refs: tuple[str, ...], host: str, port: int) -> None:
 
 
 # Commands that live in modules of their own are added here, one line each.
+from .finetune_cli import finetune_cmd  # noqa: E402
+
+cli.add_command(finetune_cmd)
+from .embed_cli import embed_cmd  # noqa: E402
+
+cli.add_command(embed_cmd)
 
 
 def main() -> None:

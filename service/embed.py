@@ -1,0 +1,325 @@
+"""Batch feature extraction: image collections -> Parquet shards of embeddings.
+
+One job = a model version, an ordered list of inputs (:mod:`service.embed_inputs`) and an output
+folder (:mod:`service.embed_output`). The inputs are cut into shards of ``shard_size``
+consecutive items; the plan depends only on the input list and the shard size, so a re-run finds
+the shards a killed run finished and computes only the others.
+
+Engines: ``local`` (here) decodes in worker processes and runs ONNX Runtime in this process,
+overlapping the two; ``ray`` (:mod:`service.embed_ray`) runs the same job on Ray Data. Both
+decode with the version's :class:`models.preprocess.ImageLoader`, run its ONNX graph through
+:class:`models.runtime.OnnxSession` and write through :func:`service.embed_output.shard_table`,
+so an image's vector is what :meth:`models.inference.InferenceModel.embed` returns for it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from models import Registry, StoredVersion
+from models.errors import UnknownModelError
+from models.registry import sha256_file
+from models.spec import SPEC_FILENAME
+
+from . import embed_output as out_
+from .embed_decode import LoaderConfig
+from .embed_inputs import Item, collect_inputs
+
+log = logging.getLogger(__name__)
+
+Engine = Literal["local", "ray"]
+DEFAULT_SHARD_SIZE = 1000
+DEFAULT_BATCH_SIZE = 32
+
+
+@dataclass(frozen=True)
+class Shard:
+    index: int
+    start: int  # first item (inclusive)
+    stop: int  # last item (exclusive)
+
+    @property
+    def size(self) -> int:
+        return self.stop - self.start
+
+
+def plan_shards(n: int, shard_size: int) -> list[Shard]:
+    """Consecutive shards of ``shard_size`` items (the last one may be smaller)."""
+    if shard_size < 1:
+        raise ValueError(f"shard_size must be at least 1, got {shard_size}")
+    return [Shard(i, s, min(s + shard_size, n)) for i, s in enumerate(range(0, n, shard_size))]
+
+
+def inputs_fingerprint(items: Sequence[Item]) -> str:
+    """sha256 of the ordered ``(id, path)`` list: what decides which image lands in which shard."""
+    h = hashlib.sha256()
+    for it in items:
+        h.update(json.dumps([it.id, it.path]).encode())
+        h.update(b"\n")
+    return h.hexdigest()
+
+
+@dataclass
+class EngineStats:
+    """Time of this run, summed over shards (seconds)."""
+
+    decode_s: float = 0.0  # decode + preprocess time of the workers, summed
+    infer_s: float = 0.0  # ONNX Runtime
+    wait_s: float = 0.0  # the inference loop waiting for decoded images
+    write_s: float = 0.0
+    startup_s: float = 0.0  # starting workers and the ONNX Runtime session (or the Ray cluster)
+    run_s: float = 0.0  # from the first image to the last shard written
+    images: int = 0  # images read in this run (embedded + failed)
+    workers: int = 0
+    threads: int = 0
+
+
+@dataclass
+class EmbedSummary:
+    """What a job did; the CLI prints it (``--json``: as JSON)."""
+
+    output: str
+    model: str
+    engine: str
+    dim: int
+    inputs: int
+    embedded: int
+    errors: int
+    shards: int
+    shards_computed: int
+    shards_skipped: int
+    images_computed: int
+    seconds: float  # the whole command: inputs, model, startup, images, writing
+    images_per_s: float  # images_computed over stats.run_s (startup excluded)
+    stats: EngineStats = field(default_factory=EngineStats)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class EmbedJob:
+    """A planned job: the model version, the inputs, the shard plan and the output folder."""
+
+    def __init__(
+        self,
+        stored: StoredVersion,
+        items: Sequence[Item],
+        output: Path,
+        *,
+        shard_size: int = DEFAULT_SHARD_SIZE,
+        top_k: int | None = None,
+        loader_config: LoaderConfig | None = None,
+    ) -> None:
+        self.stored = stored
+        self.spec = stored.spec
+        self.items = list(items)
+        self.output = Path(output)
+        self.shard_size = shard_size
+        self.top_k = top_k
+        self.shards = plan_shards(len(self.items), shard_size)
+        self.spec_sha256 = sha256_file(stored.file(SPEC_FILENAME))
+        self.fingerprint = inputs_fingerprint(self.items)
+        if loader_config is None:
+            from models import ImageLoader, get_settings
+
+            s = get_settings()
+            loader_config = LoaderConfig.of(
+                ImageLoader(self.spec.preprocess, max_pixels=s.max_image_pixels, draft=s.draft_decoding)
+            )
+        self.loader_config = loader_config
+        self.schema = out_.output_schema(
+            self.spec.feature_dim, top_k, {"backbones.model": self.spec.tag, "backbones.spec_sha256": self.spec_sha256}
+        )
+
+    def identity(self) -> dict[str, Any]:
+        """What must match for a run to resume in a folder another run started."""
+        return {
+            "model": self.spec.tag,
+            "spec_sha256": self.spec_sha256,
+            "inputs": self.fingerprint,
+            "shard_size": self.shard_size,
+            "top_k": self.top_k,
+        }
+
+    def table(self, ids: Sequence[str], paths: Sequence[str], features: np.ndarray, logits: np.ndarray | None) -> Any:
+        """The Arrow table of one shard's embedded rows."""
+        idx = score = None
+        if self.top_k:
+            if logits is None:
+                raise ValueError("top_k needs the logits")
+            idx, score = out_.top_k_arrays(logits, self.top_k)
+        return out_.shard_table(self.schema, ids, paths, features, self.spec.labels, idx, score)
+
+    def manifest(self, status: str, records: Sequence[out_.ShardRecord], runs: list[dict[str, Any]]) -> dict[str, Any]:
+        embedded = sum(r.rows for r in records)
+        errors = sum(len(r.errors) for r in records)
+        return {
+            "format": out_.FORMAT,
+            "status": status,
+            "updated_at": datetime.now(UTC).isoformat(),
+            "job": self.identity(),
+            "model": {
+                "tag": self.spec.tag,
+                "name": self.spec.name,
+                "version": self.spec.version,
+                "parent": self.spec.parent,
+                "spec_sha256": self.spec_sha256,
+                "files": self.spec.files,
+                "exporter": self.spec.exporter,
+            },
+            "preprocessing": self.spec.preprocess.to_dict(),
+            "decode": {"max_pixels": self.loader_config.max_pixels, "draft": self.loader_config.draft},
+            "dim": self.spec.feature_dim,
+            "top_k": self.top_k,
+            "schema": {f.name: str(f.type) for f in self.schema},
+            "plan": {"inputs": len(self.items), "shard_size": self.shard_size, "shards": len(self.shards)},
+            "counts": {
+                "inputs": len(self.items),
+                "embedded": embedded,
+                "errors": errors,
+                "shards_done": len(records),
+                "shards_total": len(self.shards),
+            },
+            "libraries": library_versions(),
+            "runs": runs,
+        }
+
+
+def library_versions() -> dict[str, str]:
+    """Versions of what decides the vectors and the files (the exporter's are in the spec)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    versions: dict[str, str] = {}
+    for pkg in ("backbones", "onnxruntime-gpu", "onnxruntime", "numpy", "pillow", "pyarrow", "ray"):
+        with contextlib.suppress(PackageNotFoundError):
+            versions[pkg] = version(pkg)
+    return versions
+
+
+def load_version(ref: str, registry: Registry | None = None) -> StoredVersion:
+    """The version ``ref`` names (checked); a catalog name with no version yet is exported first."""
+    registry = registry or Registry()
+    try:
+        return registry.get(ref)
+    except UnknownModelError:
+        from models.export import ensure_version  # needs PyTorch: only for a first export
+
+        return ensure_version(ref, registry)
+
+
+# -- the job -----------------------------------------------------------------------------------
+
+
+def run_embed(
+    ref: str,
+    inputs: Sequence[str],
+    output: Path,
+    *,
+    engine: Engine = "local",
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    workers: int | None = None,
+    threads: int | None = None,
+    shard_size: int = DEFAULT_SHARD_SIZE,
+    top_k: int | None = None,
+    overwrite: bool = False,
+    ray_address: str | None = None,
+    ray_options: dict[str, Any] | None = None,
+    progress: bool | None = None,
+    registry: Registry | None = None,
+    path_column: str = "path",
+    id_column: str = "id",
+) -> EmbedSummary:
+    """Embed ``inputs`` with model ``ref`` into Parquet shards under ``output``, resuming a job
+    that was interrupted there. ``progress``: a tqdm bar on stderr (None: when it is a terminal)."""
+    items = collect_inputs(inputs, path_column=path_column, id_column=id_column)  # fail fast, before the model
+    stored = load_version(ref, registry)
+    output = Path(output)
+    if output.exists() and not output.is_dir():
+        raise out_.OutputError(f"--output {output} exists and is not a folder")
+    output.mkdir(parents=True, exist_ok=True)
+    job = EmbedJob(stored, items, output, shard_size=shard_size, top_k=top_k)
+    t_start = time.perf_counter()
+    started = datetime.now(UTC).isoformat()
+    with out_.job_lock(output):
+        existing = out_.prepare_output(output, job.identity(), overwrite=overwrite)
+        runs: list[dict[str, Any]] = list(existing.get("runs", [])) if existing else []
+        done = {s.index: r for s in job.shards if (r := out_.read_record(output, s.index)) is not None}
+        todo = [s for s in job.shards if s.index not in done]
+        out_.write_manifest(output, job.manifest("running", list(done.values()), runs))
+        log.info("%s: %d inputs in %d shards, %d to compute", output, len(items), len(job.shards), len(todo))
+        if engine == "ray":
+            from .embed_ray import run_ray
+
+            show = sys.stderr.isatty() if progress is None else progress
+            records, stats = run_ray(
+                job,
+                todo,
+                batch_size=batch_size,
+                workers=workers,
+                threads=threads,
+                address=ray_address,
+                progress=show,
+                **(ray_options or {}),
+            )
+        else:
+            from .embed_local import run_local
+
+            bar = _progress_bar(sum(s.size for s in todo), progress)
+            try:
+                records, stats = run_local(
+                    job, todo, batch_size=batch_size, workers=workers, threads=threads, progress=bar
+                )
+            finally:
+                if bar is not None:
+                    bar.close()
+        all_records = sorted([*done.values(), *records], key=lambda r: r.shard)
+        errors = out_.merge_errors(output, all_records)
+        seconds = time.perf_counter() - t_start
+        runs.append(
+            {
+                "started_at": started,
+                "engine": engine,
+                "shards_computed": len(records),
+                "images_computed": stats.images,
+                "seconds": round(seconds, 3),
+                "stats": asdict(stats),
+            }
+        )
+        status = "complete" if len(all_records) == len(job.shards) else "incomplete"
+        out_.write_manifest(output, job.manifest(status, all_records, runs))
+    return EmbedSummary(
+        output=str(output),
+        model=job.spec.tag,
+        engine=engine,
+        dim=job.spec.feature_dim,
+        inputs=len(items),
+        embedded=sum(r.rows for r in all_records),
+        errors=errors,
+        shards=len(job.shards),
+        shards_computed=len(records),
+        shards_skipped=len(done),
+        images_computed=stats.images,
+        seconds=seconds,
+        images_per_s=stats.images / stats.run_s if stats.run_s > 0 else 0.0,
+        stats=stats,
+    )
+
+
+def _progress_bar(total: int, enabled: bool | None) -> Any:
+    if enabled is False or total == 0 or (enabled is None and not sys.stderr.isatty()):
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="img", file=sys.stderr, dynamic_ncols=True, smoothing=0.1)

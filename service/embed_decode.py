@@ -1,0 +1,118 @@
+"""Decoding for the batch job, run in worker processes (local engine) or Ray tasks.
+
+Each worker builds the model's :class:`models.preprocess.ImageLoader` once (the same eval
+transform the service uses) and turns a chunk of paths into one float32 batch. This module
+imports no ONNX Runtime and no Arrow, so that worker processes start quickly.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from multiprocessing import shared_memory
+from typing import Any
+
+import numpy as np
+
+from models.errors import ImageError
+from models.preprocess import ImageLoader
+from models.spec import Preprocess
+
+
+@dataclass(frozen=True)
+class LoaderConfig:
+    """What a worker needs to build the loader: the spec's preprocessing and the decode settings
+    of the process that plans the job (so that every worker decodes alike)."""
+
+    preprocess: dict[str, Any]
+    max_pixels: int
+    draft: bool
+
+    @classmethod
+    def of(cls, loader: ImageLoader) -> LoaderConfig:
+        return cls(loader.preprocess.to_dict(), loader.max_pixels, loader.draft_short_side is not None)
+
+    def build(self) -> ImageLoader:
+        pre = dict(self.preprocess)
+        pre["mean"], pre["std"] = tuple(pre["mean"]), tuple(pre["std"])
+        return ImageLoader(Preprocess(**pre), max_pixels=self.max_pixels, draft=self.draft)
+
+
+@dataclass
+class Decoded:
+    """A decoded chunk: ``pixels`` holds the readable images in order, ``ok[i]`` says whether
+    input ``i`` is among them, ``errors`` maps the others' positions to ``(kind, message)``."""
+
+    pixels: np.ndarray  # (n_ok, 3, crop, crop) float32
+    ok: np.ndarray  # (n,) bool
+    errors: dict[int, tuple[str, str]]
+    seconds: float
+
+
+def decode_chunk(loader: ImageLoader, paths: Sequence[str], out: np.ndarray | None = None) -> Decoded:
+    """Decode and preprocess ``paths``; an unreadable image is recorded, never raised.
+
+    ``out``: an array of at least ``len(paths)`` images to decode into (the readable ones go
+    first, in order); ``pixels`` is then a view of it.
+    """
+    t0 = time.perf_counter()
+    crop = loader.preprocess.crop
+    if out is None:
+        out = np.empty((len(paths), 3, crop, crop), dtype=np.float32)
+    ok = np.zeros(len(paths), dtype=bool)
+    errors: dict[int, tuple[str, str]] = {}
+    n = 0
+    for i, path in enumerate(paths):
+        try:
+            out[n] = loader(path)
+            ok[i] = True
+            n += 1
+        except ImageError as e:
+            errors[i] = (e.kind, str(e))
+        except Exception as e:  # one odd file must not stop a job over millions
+            errors[i] = ("error", f"{type(e).__name__}: {e}")
+    return Decoded(out[:n], ok, errors, time.perf_counter() - t0)
+
+
+# -- process-pool entry points (module level so that spawned workers can import them) ----------
+
+_loader: ImageLoader | None = None
+
+
+def init_worker(config: LoaderConfig, ready: Any = None) -> None:
+    """Build this worker's loader; release ``ready`` (a semaphore) once it can decode."""
+    global _loader
+    _loader = config.build()
+    if ready is not None:
+        ready.release()
+
+
+@dataclass(frozen=True)
+class Slot:
+    """Where a worker leaves a decoded batch: slot ``index`` of the shared-memory array ``name``
+    of ``shape`` (slots, batch, 3, crop, crop), float32. Decoded pixels then cross to the main
+    process without being pickled, copied through a pipe and unpickled."""
+
+    name: str
+    index: int
+    shape: tuple[int, ...]
+
+    def view(self, shm: shared_memory.SharedMemory) -> np.ndarray:
+        return np.ndarray(self.shape, dtype=np.float32, buffer=shm.buf)[self.index]
+
+
+_segments: dict[str, shared_memory.SharedMemory] = {}
+
+
+def decode_in_worker(paths: Sequence[str], slot: Slot) -> Decoded:
+    """Decode ``paths`` into ``slot``; the returned ``pixels`` is empty (the main process reads
+    ``ok.sum()`` images from the slot)."""
+    if _loader is None:
+        raise RuntimeError("decode worker used before init_worker")
+    shm = _segments.get(slot.name)
+    if shm is None:
+        shm = _segments[slot.name] = shared_memory.SharedMemory(name=slot.name)
+    decoded = decode_chunk(_loader, paths, slot.view(shm))
+    decoded.pixels = decoded.pixels[:0].copy()
+    return decoded

@@ -1,0 +1,351 @@
+"""The batch embedding job: its inputs, shard plan, output folder, resume, unreadable images, and
+vectors equal to what the service computes (InferenceModel) and to ONNX Runtime run directly."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pandas as pd
+import pyarrow as pa
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from models import ImageLoader, InferenceModel, Registry
+from service.embed import inputs_fingerprint, plan_shards, run_embed
+from service.embed_cli import embed_cmd
+from service.embed_inputs import InputError, Item, ManifestError, collect_inputs
+from service.embed_output import ERRORS, MANIFEST, SHARD_RECORDS, OutputError
+
+from .conftest import ROOT, jpeg_bytes
+
+# name -> synthetic image number; nested on purpose (folders are searched recursively)
+TREE = {"p0.jpg": 0, "a/p1.jpg": 1, "a/p2.png": 2, "b/c/p3.jpg": 3, "b/p4.jpeg": 4, "z.jpg": 5}
+
+
+def make_tree(root: Path) -> list[str]:
+    """Photos under ``root`` (plus a file that is no image); returns them in the expected order."""
+    for name, i in TREE.items():
+        path = root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        data = jpeg_bytes(i, (96, 80))
+        if name.endswith(".png"):
+            Image.open(io.BytesIO(data)).save(path, format="PNG")
+        else:
+            path.write_bytes(data)
+    (root / "notes.txt").write_text("not an image, and not picked up from a folder")
+    return [str(root / n) for n in ("a/p1.jpg", "a/p2.png", "b/c/p3.jpg", "b/p4.jpeg", "p0.jpg", "z.jpg")]
+
+
+def add_bad_photos(root: Path) -> list[str]:
+    """A text file named .jpg and a truncated JPEG: real data is like that."""
+    (root / "bad.jpg").write_text("this is text, not a JPEG")
+    (root / "cut.jpg").write_bytes(jpeg_bytes(7, (200, 160))[:700])
+    return [str(root / "bad.jpg"), str(root / "cut.jpg")]
+
+
+def read_dir(out: Path) -> pa.Table:
+    return pads.dataset(out, format="parquet").to_table()
+
+
+# -- inputs --------------------------------------------------------------------------------------
+
+
+def test_every_input_kind_in_a_deterministic_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    folder_order = make_tree(Path("photos"))
+    assert [it.path for it in collect_inputs(["photos"])] == folder_order  # recursive, sorted
+    assert [it.id for it in collect_inputs(["photos"])] == folder_order  # id = the path
+
+    # glob: recursive, sorted, quoted patterns are expanded here, not by a shell
+    globbed = collect_inputs(["photos/**/*.jpg"])
+    assert [it.path for it in globbed] == sorted(p for p in folder_order if p.endswith(".jpg"))
+
+    # manifests: CSV with ids, Parquet with integer ids and without, JSON lines with and without
+    with open("with_ids.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["id", "path", "label"])
+        w.writerow(["first", "photos/z.jpg", "x"])
+        w.writerow(["second", "photos/a/p1.jpg", "y"])
+    Path("no_ids.csv").write_text("path\nphotos/p0.jpg\n")
+    pq.write_table(pa.table({"path": ["photos/b/p4.jpeg", "photos/p0.jpg"], "id": [7, 8]}), "ids.parquet")
+    pq.write_table(pa.table({"path": ["photos/a/p2.png"]}), "no_ids.parquet")
+    lists = Path("lists")
+    lists.mkdir()
+    # relative manifest paths resolve against the manifest's folder; absolute ones stay
+    (lists / "m.jsonl").write_text(
+        json.dumps({"path": "../photos/b/c/p3.jpg", "id": 42})
+        + "\n\n"
+        + json.dumps({"path": str(tmp_path / "photos" / "z.jpg")})
+        + "\n"
+    )
+    items = collect_inputs(
+        ["photos/p0.jpg", "with_ids.csv", "no_ids.csv", "ids.parquet", "no_ids.parquet", "lists/m.jsonl"]
+    )
+    assert items == [
+        Item("photos/p0.jpg", "photos/p0.jpg"),
+        Item("first", "photos/z.jpg"),
+        Item("second", "photos/a/p1.jpg"),
+        Item("photos/p0.jpg", "photos/p0.jpg"),
+        Item("7", "photos/b/p4.jpeg"),
+        Item("8", "photos/p0.jpg"),
+        Item("photos/a/p2.png", "photos/a/p2.png"),
+        Item("42", "lists/../photos/b/c/p3.jpg"),
+        Item(str(tmp_path / "photos" / "z.jpg"), str(tmp_path / "photos" / "z.jpg")),
+    ]
+    assert all(Path(it.path).is_file() for it in items)
+    assert collect_inputs(["photos", "with_ids.csv"]) == collect_inputs(["photos", "with_ids.csv"])
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "message"),
+    [
+        ("m.csv", "file,id\na.jpg,1\n", "has no 'path' column (columns: file, id)"),
+        ("m.csv", "path,id\na.jpg,1\n,2\n", "line 3 has no 'path' value"),
+        ("m.jsonl", '{"path": "a.jpg"}\n{"path": \n', "line 2 is not valid JSON"),
+        ("m.jsonl", '{"file": "a.jpg"}\n', "line 1 has no 'path' key"),
+        ("m.jsonl", '["a.jpg"]\n', "line 1 is not a JSON object"),
+        ("m.parquet", "not parquet at all", "cannot read the Parquet manifest"),
+    ],
+)
+def test_a_bad_manifest_is_one_clear_error(tmp_path: Path, name: str, content: str, message: str) -> None:
+    manifest = tmp_path / name
+    manifest.write_text(content)
+    with pytest.raises(ManifestError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        collect_inputs([str(manifest)])
+
+
+def test_a_parquet_manifest_without_the_path_column(tmp_path: Path) -> None:
+    pq.write_table(pa.table({"file": ["a.jpg"]}), tmp_path / "m.parquet")
+    with pytest.raises(ManifestError, match="has no 'path' column"):
+        collect_inputs([str(tmp_path / "m.parquet")])
+    # another column name can be chosen
+    assert collect_inputs([str(tmp_path / "m.parquet")], path_column="file")[0].path == str(tmp_path / "a.jpg")
+
+
+def test_inputs_that_name_nothing(tmp_path: Path) -> None:
+    with pytest.raises(InputError, match="no such file, folder or manifest"):
+        collect_inputs([str(tmp_path / "missing.jpg")])
+    with pytest.raises(InputError, match="matches no files"):
+        collect_inputs([str(tmp_path / "**" / "*.jpg")])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(InputError, match="no images found"):
+        collect_inputs([str(tmp_path / "empty")])
+
+
+def test_the_shard_plan_depends_only_on_the_inputs_and_the_shard_size() -> None:
+    assert [(s.index, s.start, s.stop) for s in plan_shards(10, 4)] == [(0, 0, 4), (1, 4, 8), (2, 8, 10)]
+    assert plan_shards(10, 4) == plan_shards(10, 4) and len(plan_shards(8, 4)) == 2
+    items = [Item("a", "a.jpg"), Item("b", "b.jpg")]
+    assert inputs_fingerprint(items) == inputs_fingerprint(list(items))
+    assert inputs_fingerprint(items) != inputs_fingerprint(items[::-1])
+    assert inputs_fingerprint(items) != inputs_fingerprint([Item("a", "a.jpg"), Item("c", "b.jpg")])
+
+
+# -- the job ---------------------------------------------------------------------------------------
+
+
+def test_vectors_equal_the_service_and_onnx_runtime_run_directly(tiny_registry: Registry, tmp_path: Path) -> None:
+    photos = tmp_path / "photos"
+    good = make_tree(photos)
+    bad = add_bad_photos(photos)
+    out = tmp_path / "emb"
+    summary = run_embed(
+        "tiny_cnn", [str(photos)], out, shard_size=3, batch_size=2, workers=1, top_k=3, registry=tiny_registry
+    )
+    assert (summary.inputs, summary.embedded, summary.errors) == (8, 6, 2)
+    assert (summary.shards, summary.shards_computed, summary.shards_skipped) == (3, 3, 0)
+    assert sorted(p.name for p in out.glob("*.parquet")) == [
+        "part-00000.parquet",
+        "part-00001.parquet",
+        "part-00002.parquet",
+    ]
+
+    table = read_dir(out)  # the folder reads as one dataset
+    assert table.column("path").to_pylist() == good  # input order, unreadable images left out
+    assert table.schema.field("embedding").type == pa.list_(pa.float32(), 32)
+    emb = np.asarray(table.column("embedding").to_pylist(), dtype=np.float32)
+    assert emb.shape == (6, 32) and np.isfinite(emb).all() and np.abs(emb).sum() > 0
+
+    model = InferenceModel(tiny_registry.get("tiny_cnn"))
+    np.testing.assert_array_equal(emb, model.embed(good))
+    session = ort.InferenceSession(str(model.stored.file("model.onnx")), providers=["CPUExecutionProvider"])
+    loader = ImageLoader(model.spec.preprocess)
+    for row, path in zip(emb, good, strict=True):
+        (direct,) = session.run(["features"], {"input": loader(path)[None]})
+        np.testing.assert_allclose(row, direct[0], rtol=1e-6, atol=1e-6)
+
+    # --top-k: predictions as list<struct<index, label, score>>, ranked as classify ranks them
+    preds = table.column("predictions").to_pylist()
+    for got, want in zip(preds, model.classify(good, k=3), strict=True):
+        assert [(p["index"], p["label"]) for p in got] == [(w.index, w.label) for w in want]
+        np.testing.assert_allclose([p["score"] for p in got], [w.score for w in want], rtol=1e-6)
+
+    # unreadable images: in the errors file, counted, never fatal
+    errors = [json.loads(line) for line in (out / ERRORS).read_text().splitlines()]
+    assert [e["path"] for e in errors] == bad
+    assert all(e["kind"] == "undecodable" and e["error"] for e in errors)
+    manifest = json.loads((out / MANIFEST).read_text())
+    assert manifest["status"] == "complete" and manifest["dim"] == 32 and manifest["top_k"] == 3
+    assert manifest["counts"] == {"inputs": 8, "embedded": 6, "errors": 2, "shards_done": 3, "shards_total": 3}
+    assert manifest["model"]["tag"] == model.tag
+    assert manifest["model"]["spec_sha256"] == hashlib.sha256(model.stored.file("spec.json").read_bytes()).hexdigest()
+    assert manifest["model"]["files"]["model.onnx"] == model.spec.files["model.onnx"]
+    assert manifest["preprocessing"]["crop"] == 64 and "onnxruntime" in "".join(manifest["libraries"])
+
+    frame = pd.read_parquet(out)  # pandas reads the folder too
+    assert list(frame["path"]) == good and list(frame.columns) == ["id", "path", "embedding", "predictions"]
+
+
+def _part_stats(out: Path) -> dict[str, tuple[int, int]]:
+    return {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in sorted(out.glob("part-*.parquet"))}
+
+
+def test_a_rerun_keeps_finished_shards_and_overwrite_starts_over(tiny_registry: Registry, tmp_path: Path) -> None:
+    photos = tmp_path / "photos"
+    make_tree(photos)
+    out = tmp_path / "emb"
+    kwargs = {"shard_size": 2, "batch_size": 2, "workers": 0, "registry": tiny_registry}
+    first = run_embed("tiny_cnn", [str(photos)], out, **kwargs)  # type: ignore[arg-type]
+    assert (first.shards, first.shards_computed) == (3, 3)
+    before = _part_stats(out)
+    whole = read_dir(out)
+
+    again = run_embed("tiny_cnn", [str(photos)], out, **kwargs)  # type: ignore[arg-type]
+    assert (again.shards_computed, again.shards_skipped, again.images_computed) == (0, 3, 0)
+    assert _part_stats(out) == before
+
+    (out / "part-00001.parquet").unlink()  # as if the job had died before this shard was renamed
+    healed = run_embed("tiny_cnn", [str(photos)], out, **kwargs)  # type: ignore[arg-type]
+    assert (healed.shards_computed, healed.images_computed) == (1, 2)
+    after = _part_stats(out)
+    assert {k: v for k, v in after.items() if k != "part-00001.parquet"} == {
+        k: v for k, v in before.items() if k != "part-00001.parquet"
+    }
+    assert read_dir(out).equals(whole)
+
+    fresh = run_embed("tiny_cnn", [str(photos)], out, overwrite=True, **kwargs)  # type: ignore[arg-type]
+    assert (fresh.shards_computed, fresh.shards_skipped) == (3, 0)
+    assert all(after[k] != v for k, v in _part_stats(out).items())  # every shard written anew
+    assert read_dir(out).equals(whole)
+    assert len(json.loads((out / MANIFEST).read_text())["runs"]) == 1  # --overwrite forgets the old runs
+
+
+def test_refuses_to_resume_a_different_job(tiny_registry: Registry, tmp_path: Path) -> None:
+    photos = tmp_path / "photos"
+    paths = make_tree(photos)
+    out = tmp_path / "emb"
+    run_embed("tiny_cnn", paths[:4], out, shard_size=2, workers=0, registry=tiny_registry)
+    with pytest.raises(OutputError, match=r"different job \(inputs differ\).*--overwrite"):
+        run_embed("tiny_cnn", paths[1:5], out, shard_size=2, workers=0, registry=tiny_registry)
+    with pytest.raises(OutputError, match=r"\(shard_size differ\)"):
+        run_embed("tiny_cnn", paths[:4], out, shard_size=3, workers=0, registry=tiny_registry)
+    with pytest.raises(OutputError, match=r"\(top_k differ\)"):
+        run_embed("tiny_cnn", paths[:4], out, shard_size=2, top_k=2, workers=0, registry=tiny_registry)
+    assert read_dir(out).column("path").to_pylist() == paths[:4]  # untouched by the refusals
+    redone = run_embed("tiny_cnn", paths[1:5], out, shard_size=2, workers=0, overwrite=True, registry=tiny_registry)
+    assert redone.shards_computed == 2 and read_dir(out).column("path").to_pylist() == paths[1:5]
+
+
+def test_a_folder_that_holds_something_else_is_refused(tiny_registry: Registry, tmp_path: Path) -> None:
+    photos = tmp_path / "photos"
+    make_tree(photos)
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    with pytest.raises(OutputError, match="is not empty .*notes.txt"):
+        run_embed("tiny_cnn", [str(photos)], out, workers=0, registry=tiny_registry)
+    run_embed("tiny_cnn", [str(photos)], out, workers=0, overwrite=True, registry=tiny_registry)
+    assert (out / "notes.txt").read_text() == "keep me" and (out / "part-00000.parquet").is_file()
+
+
+# -- the CLI -----------------------------------------------------------------------------------------
+
+
+def test_cli_errors_are_one_line(tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "m.csv").write_text("file\na.jpg\n")
+    (tmp_path / "m.jsonl").write_text("{oops\n")
+    runner = CliRunner()
+    cases = [
+        ([str(tmp_path / "empty")], "error: no images found"),
+        ([str(tmp_path / "m.csv")], "error: " + str(tmp_path / "m.csv") + " has no 'path' column"),
+        ([str(tmp_path / "m.jsonl")], "line 1 is not valid JSON"),
+        ([str(tmp_path / "nothing.jpg")], "error: no such file, folder or manifest"),
+    ]
+    for inputs, message in cases:
+        result = runner.invoke(embed_cmd, ["tiny_cnn", *inputs, "--output", str(tmp_path / "out")])
+        assert result.exit_code == 1, result.output
+        assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
+        assert "Traceback" not in result.output
+    usage = runner.invoke(embed_cmd, ["tiny_cnn", "x.jpg", "--output", "o", "--ray-address", "auto"])
+    assert usage.exit_code == 2 and "need --engine ray" in usage.stderr
+
+
+@pytest.mark.slow
+def test_cli_unknown_model_is_one_line(run_cli, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    photos = tmp_path / "photos"
+    make_tree(photos)
+    proc = run_cli("embed", "no_such_model", str(photos), "--output", str(tmp_path / "o"))
+    assert proc.returncode == 1
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "'no_such_model'" in lines[0], proc.stderr
+
+
+@pytest.mark.slow
+def test_resume_after_the_job_is_killed(run_cli, tiny_registry: Registry, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    data = jpeg_bytes(0, (1024, 768))
+    for i in range(400):
+        (photos / f"p{i:03d}.jpg").write_bytes(data)
+    (photos / "p150.jpg").write_text("a broken one")
+    out = tmp_path / "emb"
+    args = ["embed", "tiny_cnn", str(photos), "--output", str(out), "--shard-size", "8", "--batch-size", "4"]
+    args += ["--workers", "1", "--json"]
+    env = {**os.environ, "BENTOML_HOME": str(tiny_registry.home), "BENTOML_DO_NOT_TRACK": "true"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "service.cli", *args],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,  # its own process group: the job and its decode workers
+    )
+    deadline = time.monotonic() + 120
+    while len(list(out.glob("part-*.parquet"))) < 3 and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.01)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.communicate()
+    killed_at = _part_stats(out)
+    assert 3 <= len(killed_at) < 50, "the job should have been killed half-way"
+    assert json.loads((out / MANIFEST).read_text())["status"] == "running"
+
+    resumed = run_cli(*args, home_dir=tiny_registry.home)
+    assert resumed.returncode == 0, resumed.stderr
+    summary = json.loads(resumed.stdout)  # --json: the summary only
+    assert summary["shards"] == 50
+    assert summary["shards_skipped"] == len(killed_at) and summary["shards_computed"] == 50 - len(killed_at)
+    assert (summary["embedded"], summary["errors"]) == (399, 1)
+    after = _part_stats(out)
+    assert {k: after[k] for k in killed_at} == killed_at  # finished shards were not written again
+    assert not list(out.glob(".*.tmp")) and json.loads((out / MANIFEST).read_text())["status"] == "complete"
+
+    full = tmp_path / "full"
+    run_embed("tiny_cnn", [str(photos)], full, shard_size=8, batch_size=4, workers=0, registry=tiny_registry)
+    assert read_dir(out).equals(read_dir(full))  # same rows, same vectors as an uninterrupted run
+    assert (out / ERRORS).read_text() == (full / ERRORS).read_text()
+    assert len(list((out / SHARD_RECORDS).iterdir())) == 50
