@@ -21,13 +21,14 @@ from typing import Literal
 
 from PIL import Image, UnidentifiedImageError
 
+from models.registry import sha256_file
+
 from .errors import DatasetError
 
 log = logging.getLogger(__name__)
 
 # The file names an ImageFolder's images may have (the formats models.imaging accepts).
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp", ".tif", ".tiff", ".mpo"})
-_CHUNK = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -78,12 +79,7 @@ class ImageSet:
         return ImageSet(self.source, self.root, self.kind, keep, self.classes, self.unreadable + dropped, self.ignored)
 
 
-def sha256_of(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
+sha256_of = sha256_file  # one implementation of file hashing for the project
 
 
 def _inspect(path: Path) -> tuple[str, str] | str:

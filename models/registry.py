@@ -130,7 +130,8 @@ def _actor() -> str:
     return f"{user}@{socket.gethostname()} pid {os.getpid()}"
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write ``data`` to a temporary file beside ``path``, fsync it, and rename it into place."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
@@ -231,7 +232,7 @@ class Registry:
         """BentoML's ``latest`` pointer (used by ``bentoml models get name``), kept accurate."""
         specs = self.versions(name)
         if specs:
-            _write_atomic(self.models_dir / name / "latest", specs[-1].version.encode())
+            write_atomic(self.models_dir / name / "latest", specs[-1].version.encode())
 
     # -- registration ---------------------------------------------------------------------
 
@@ -425,7 +426,7 @@ class Registry:
                 "by": _actor(),
             }
             doc["history"].append(event)
-            _write_atomic(self._alias_path(name), json.dumps(doc, indent=2).encode())
+            write_atomic(self._alias_path(name), json.dumps(doc, indent=2).encode())
             return event
 
     def set_alias(self, ref: str, alias: str) -> dict[str, Any]:

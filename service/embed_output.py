@@ -34,6 +34,7 @@ import pyarrow.parquet as pq
 
 from models.errors import BackbonesError
 from models.inference import softmax
+from models.registry import write_atomic
 
 MANIFEST = "_manifest.json"
 ERRORS = "_errors.jsonl"
@@ -129,21 +130,6 @@ def warm_up() -> None:
         np.zeros((1, 1), np.int32),
         np.ones((1, 1), np.float32),
     )
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to a hidden temporary file beside ``path`` and rename it into place."""
-    tmp = _temp_beside(path)
-    try:
-        with open(tmp, "xb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
 
 
 @dataclass
