@@ -2,9 +2,9 @@
 
 Handles EXIF orientation, grayscale, CMYK, palette and alpha (composited on white), 16-bit and
 float images, and animated images (first frame). Refuses, before decoding pixels, files that
-declare more pixels than allowed. Large JPEGs can be decoded at a reduced DCT scale ("draft"),
-never below twice the size the preprocessing resizes to, which keeps the result within the
-export parity tolerance (docs/benchmarks.md).
+declare more pixels than allowed. On request, large JPEGs are decoded at a reduced DCT scale
+("draft"), never below twice the size the preprocessing resizes to: much faster, but not within
+the export parity tolerance (docs/benchmarks.md), hence off by default.
 """
 
 from __future__ import annotations

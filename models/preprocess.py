@@ -58,7 +58,7 @@ def eval_transform(pre: Preprocess) -> Transform:
 class ImageLoader:
     """Decode + eval transform for one model's preprocessing, with the project's decode settings."""
 
-    def __init__(self, pre: Preprocess, *, max_pixels: int = 40_000_000, draft: bool = True) -> None:
+    def __init__(self, pre: Preprocess, *, max_pixels: int = 40_000_000, draft: bool = False) -> None:
         self.preprocess = pre
         self.transform = eval_transform(pre)
         self.max_pixels = max_pixels

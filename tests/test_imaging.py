@@ -498,7 +498,7 @@ def test_draft_never_goes_below_margin(draft_short_side, size):
 
 def test_draft_through_image_loader():
     data = _flat_jpeg((1852, 1852))
-    loader = ImageLoader(Preprocess(resize=232, crop=224))
+    loader = ImageLoader(Preprocess(resize=232, crop=224), draft=True)
     assert min(loader.decode(data).size) >= DRAFT_MARGIN * 232
     assert ImageLoader(Preprocess(resize=232, crop=224), draft=False).decode(data).size == (1852, 1852)
 
@@ -518,7 +518,7 @@ def test_draft_output_close_to_full_decode():
     # The resize that follows hides the draft's coarser decode: the normalized inputs stay close.
     data = encode(synthetic_image(3, size=(2400, 1800)), "JPEG", quality=92)
     pre = Preprocess(resize=256, crop=224)
-    drafted = ImageLoader(pre)(data)
+    drafted = ImageLoader(pre, draft=True)(data)
     full = ImageLoader(pre, draft=False)(data)
-    assert ImageLoader(pre).decode(data).size == (1200, 900)
+    assert ImageLoader(pre, draft=True).decode(data).size == (1200, 900)
     assert np.abs(drafted - full).mean() < 0.02

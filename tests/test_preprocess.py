@@ -261,7 +261,8 @@ def test_loader_batch_propagates_image_errors():
 
 
 def test_loader_settings():
-    assert ImageLoader(RESNET50_V2).draft_short_side == 232
+    assert ImageLoader(RESNET50_V2, draft=True).draft_short_side == 232
+    assert ImageLoader(RESNET50_V2).draft_short_side is None  # off by default
     assert ImageLoader(RESNET50_V2, draft=False).draft_short_side is None
     loader = ImageLoader(TINY, max_pixels=100)
     with pytest.raises(ImageError) as e:
