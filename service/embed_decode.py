@@ -7,6 +7,8 @@ imports no ONNX Runtime and no Arrow, so that worker processes start quickly.
 
 from __future__ import annotations
 
+import os
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -81,11 +83,23 @@ _loader: ImageLoader | None = None
 
 
 def init_worker(config: LoaderConfig, ready: Any = None) -> None:
-    """Build this worker's loader; release ``ready`` (a semaphore) once it can decode."""
+    """Build this worker's loader; release ``ready`` (a semaphore) once it can decode.
+
+    A worker whose job was killed (SIGKILL, out of memory) would wait for tasks forever: the
+    pool's queues stay open in every worker. A watchdog thread ends it once its parent is gone.
+    """
     global _loader
     _loader = config.build()
+    parent = os.getppid()
+    threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True, name="parent-watchdog").start()
     if ready is not None:
         ready.release()
+
+
+def _exit_with_parent(parent: int, interval_s: float = 0.5) -> None:
+    while os.getppid() == parent:
+        time.sleep(interval_s)
+    os._exit(1)
 
 
 @dataclass(frozen=True)

@@ -8,15 +8,19 @@ inference; a shard is written as soon as its last batch is inferred.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import multiprocessing as mp
+import os
 import time
+import uuid
 from collections import deque
 from collections.abc import Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from multiprocessing import shared_memory
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -32,6 +36,7 @@ from .embed_decode import Decoded, Slot, decode_chunk, decode_in_worker, init_wo
 log = logging.getLogger(__name__)
 
 WORKER_START_TIMEOUT_S = 120
+SEGMENT_PREFIX = "backbones-embed-"  # shared-memory decode buffers: backbones-embed-<pid>-<random>
 
 
 class DecodeWorkerError(BackbonesError):
@@ -120,7 +125,10 @@ def run_local(
         crop = job.spec.preprocess.crop
         shape = (in_flight + 1, batch_size, 3, crop, crop)
         if pool is not None:
-            shm = shared_memory.SharedMemory(create=True, size=int(np.prod(shape)) * 4)
+            _remove_stale_segments()
+            shm = shared_memory.SharedMemory(
+                name=f"{SEGMENT_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:8]}", create=True, size=int(np.prod(shape)) * 4
+            )
             slots = np.ndarray(shape, dtype=np.float32, buffer=shm.buf)
         shm_name = shm.name if shm is not None else ""
         free = deque(range(shape[0]))
@@ -185,6 +193,29 @@ def run_local(
             except BufferError:  # a view is still referenced (an error's traceback): unlink anyway
                 log.debug("shared decode buffer still in use at exit")
             shm.unlink()
+
+
+def _remove_stale_segments() -> None:
+    """Unlink decode buffers of jobs killed with all their processes at once (Linux: /dev/shm);
+    otherwise Python's resource tracker unlinks them when a job dies."""
+    shm_dir = Path("/dev/shm")
+    if not shm_dir.is_dir():
+        return
+    for f in shm_dir.glob(f"{SEGMENT_PREFIX}*"):
+        pid = f.name[len(SEGMENT_PREFIX) :].split("-", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            with contextlib.suppress(OSError):
+                f.unlink()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _infer_into(job: EmbedJob, model: InferenceModel, chunk: _Chunk, decoded: Decoded, buf: _ShardBuffer) -> None:

@@ -8,7 +8,6 @@ import hashlib
 import io
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -17,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import pandas as pd
+import psutil
 import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
@@ -318,18 +318,17 @@ def test_resume_after_the_job_is_killed(run_cli, tiny_registry: Registry, tmp_pa
     args += ["--workers", "1", "--json"]
     env = {**os.environ, "BENTOML_HOME": str(tiny_registry.home), "BENTOML_DO_NOT_TRACK": "true"}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "service.cli", *args],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        start_new_session=True,  # its own process group: the job and its decode workers
+        [sys.executable, "-m", "service.cli", *args], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
     )
     deadline = time.monotonic() + 120
     while len(list(out.glob("part-*.parquet"))) < 3 and time.monotonic() < deadline and proc.poll() is None:
         time.sleep(0.01)
-    os.killpg(proc.pid, signal.SIGKILL)
+    helpers = psutil.Process(proc.pid).children(recursive=True)  # decode workers, resource tracker
+    proc.kill()  # SIGKILL, half-way through
     proc.communicate()
+    _, alive = psutil.wait_procs(helpers, timeout=30)
+    assert not alive, f"processes of the killed job linger: {alive}"  # they notice and exit
+    assert not list(Path("/dev/shm").glob(f"backbones-embed-{proc.pid}-*"))  # its decode buffer is gone too
     killed_at = _part_stats(out)
     assert 3 <= len(killed_at) < 50, "the job should have been killed half-way"
     assert json.loads((out / MANIFEST).read_text())["status"] == "running"
@@ -349,3 +348,21 @@ def test_resume_after_the_job_is_killed(run_cli, tiny_registry: Registry, tmp_pa
     assert read_dir(out).equals(read_dir(full))  # same rows, same vectors as an uninterrupted run
     assert (out / ERRORS).read_text() == (full / ERRORS).read_text()
     assert len(list((out / SHARD_RECORDS).iterdir())) == 50
+
+
+def test_decode_buffers_of_dead_jobs_are_removed(tmp_path: Path) -> None:
+    from service.embed_local import SEGMENT_PREFIX, _remove_stale_segments
+
+    shm = Path("/dev/shm")
+    if not shm.is_dir():
+        pytest.skip("no /dev/shm here")
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale, live = shm / f"{SEGMENT_PREFIX}{dead.stdout.strip()}-test", shm / f"{SEGMENT_PREFIX}{os.getpid()}-test"
+    for f in (stale, live):
+        f.write_bytes(b"x")
+    try:
+        _remove_stale_segments()
+        assert not stale.exists() and live.exists()
+    finally:
+        for f in (stale, live):
+            f.unlink(missing_ok=True)
