@@ -6,7 +6,7 @@ UV := $(shell command -v uv 2>/dev/null || echo "$(PYTHON) -m uv")
 PYTEST_ARGS ?=
 PORT ?= 3000
 
-.PHONY: install test lint typecheck pytest serve bench clean
+.PHONY: install test lint typecheck pytest serve bench fuzz clean
 
 install: .venv/.synced
 
@@ -34,6 +34,10 @@ serve: install
 bench: install
 	$(UV) run --frozen python benchmarks/bench_inference.py
 	$(UV) run --frozen python benchmarks/bench_serve.py
+
+# The long fuzzing run (the short one is part of `make test`).
+fuzz: install
+	BACKBONES_FUZZ_EXAMPLES=$${BACKBONES_FUZZ_EXAMPLES:-2000} $(UV) run --frozen pytest -m fuzz $(PYTEST_ARGS)
 
 clean:
 	rm -rf .venv .pytest_cache .mypy_cache .ruff_cache
