@@ -57,7 +57,9 @@ class InferenceModel:
         )
 
     @classmethod
-    def load(cls, ref: str, *, registry: Registry | None = None, settings: Settings | None = None) -> InferenceModel:
+    def load(
+        cls, ref: str, *, registry: Registry | None = None, settings: Settings | None = None, threads: int | None = None
+    ) -> InferenceModel:
         """Load ``ref`` (checksums verified); a catalog name with no version yet is exported first."""
         from .errors import UnknownModelError
 
@@ -68,7 +70,7 @@ class InferenceModel:
             from .export import ensure_version  # needs PyTorch: imported only for a first export
 
             stored = ensure_version(ref, registry)
-        return cls(stored, settings=settings)
+        return cls(stored, settings=settings, threads=threads)
 
     def run(self, batch: np.ndarray) -> Outputs:
         return self.session.run(batch)

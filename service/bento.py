@@ -2,8 +2,11 @@
 the OpenAPI page) and mounts the project's HTTP API (service/http.py) at the root.
 
 Which models it serves comes from the settings (``BACKBONES_SERVE_MODELS``, set by
-``backbones serve --model``). Models load in the background: ``/livez`` answers at once, and
-``/readyz`` is 200 only when every served model is loaded and warmed up.
+``backbones serve --model``); how many worker processes, from :func:`models.runtime.serving_plan`.
+A worker starts taking connections once it has tried to load every served model: workers share
+the listening socket, so while one is still loading, the others answer. ``/readyz`` is 200 only
+when every served model is loaded and warmed up; a model that failed to load is retried in the
+background while ``/readyz`` says why it is not ready.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import logging
 import bentoml
 
 from models import get_settings
+from models.runtime import serving_plan
 
 from .http import create_app
 from .pool import ModelPool
@@ -26,7 +30,7 @@ app = create_app(_pool)
 
 @bentoml.service(
     name="backbones",
-    workers=1,
+    workers=serving_plan(_settings).workers,
     traffic={"timeout": 60},
     metrics={"enabled": True, "namespace": "bentoml_service"},
 )

@@ -317,15 +317,21 @@ def classify_cmd(ref: str, images: tuple[str, ...], top_k: int, batch_size: int,
 )
 @click.option("--host", default="0.0.0.0", show_default=True, help="Address to listen on.")
 @click.option("-p", "--port", default=3000, show_default=True, type=click.IntRange(1, 65535))
+@click.option(
+    "--workers",
+    type=click.IntRange(0, 256),
+    default=None,
+    help="Worker processes (default: BACKBONES_WORKERS, else one per core on a CPU, 1 on a GPU).",
+)
 @handle_errors
-def serve_cmd(refs: tuple[str, ...], host: str, port: int) -> None:
+def serve_cmd(refs: tuple[str, ...], host: str, port: int, workers: int | None) -> None:
     """Serve classification and embedding over HTTP (BentoML), on PORT.
 
     Endpoints: POST /classify and POST /embed (multipart field 'image'; optional 'model' and
     'top_k'), GET /models, /livez, /readyz, /metrics, and the OpenAPI page at /. A served NAME or
     NAME@ALIAS follows its alias: `backbones models alias` switches the running service to the new
-    version without failing a request. Tuning knobs (batch size, queue limit, threads): see the
-    README's Configuration table.
+    version without failing a request. Tuning knobs (workers, runners, batch size, queue limit,
+    threads): see the README's Configuration table.
     """
     import os
 
@@ -336,6 +342,8 @@ def serve_cmd(refs: tuple[str, ...], host: str, port: int) -> None:
     for ref in chosen:
         Ref.parse(ref)  # a bad reference fails here, in one line, not in a server worker
     os.environ["BACKBONES_SERVE_MODELS"] = ",".join(chosen)
+    if workers is not None:
+        os.environ["BACKBONES_WORKERS"] = str(workers)
     args = [sys.executable, "-m", "bentoml", "serve", "service.bento:Backbones", "--host", host, "--port", str(port)]
     click.echo(f"serving {', '.join(chosen)} on http://{host}:{port}", err=True)
     sys.stdout.flush()

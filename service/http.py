@@ -22,7 +22,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from models import ImageError, top_k
 from models.errors import BackbonesError
-from models.runtime import available_cores
+from models.runtime import serving_plan
 
 from .batching import OverloadedError
 from .metrics import metrics
@@ -84,9 +84,7 @@ class ApiError(Exception):
 
 def create_app(pool: ModelPool) -> FastAPI:
     settings = pool.settings
-    decode_pool = ThreadPoolExecutor(
-        max_workers=settings.decode_threads or available_cores(), thread_name_prefix="decode"
-    )
+    decode_pool = ThreadPoolExecutor(max_workers=serving_plan(settings).decode_threads, thread_name_prefix="decode")
     app = FastAPI(title="backbones", description="Classify images and embed them with ONNX backbones.", version="1")
     app.state.pool = pool
     m = metrics()

@@ -19,8 +19,9 @@ from typing import Any
 
 from models import BackbonesError, InferenceModel, Registry, Settings
 from models.registry import Ref, StoredVersion
+from models.runtime import serving_plan
 
-from .batching import BatchStats, MicroBatcher
+from .batching import BatchStats, MicroBatcher, calibrate_batch_size
 from .metrics import metrics
 
 log = logging.getLogger(__name__)
@@ -32,6 +33,7 @@ class ServedModel:
 
     model: InferenceModel
     batcher: MicroBatcher
+    batch_rates: dict[int, float] = field(default_factory=dict)  # measured images/s by batch size
     loaded_at: float = field(default_factory=time.time)
 
     @property
@@ -63,6 +65,9 @@ class Slot:
                 version=spec.version,
                 loaded_at=self.current.loaded_at,
                 providers=self.current.model.session.providers,
+                runners=self.current.batcher.runners,
+                max_batch_size=self.current.batcher.max_batch_size,
+                measured_images_per_s={str(k): round(v, 1) for k, v in self.current.batch_rates.items()},
                 spec=spec.model_dump(mode="json"),
             )
         try:
@@ -117,10 +122,25 @@ class ModelPool:
     # -- loading and swapping -------------------------------------------------------------
 
     def _make_served(self, stored: StoredVersion | None, ref: str) -> ServedModel:
+        plan = serving_plan(self.settings)
+        runners, threads = plan.runners, plan.intra_op_threads
         model = (
-            InferenceModel(stored, settings=self.settings)
+            InferenceModel(stored, settings=self.settings, threads=threads)
             if stored is not None
-            else InferenceModel.load(ref, registry=self.registry, settings=self.settings)
+            else InferenceModel.load(ref, registry=self.registry, settings=self.settings, threads=threads)
+        )
+        batch_size, rates = self.settings.max_batch_size, dict[int, float]()
+        if not batch_size:
+            batch_size, rates = calibrate_batch_size(model.run, model.session.input_shape[1:])
+        log.warning(
+            "%s: %d runner(s) x %d thread(s), batches of up to %d%s",
+            model.tag,
+            runners,
+            threads,
+            batch_size,
+            f" (measured images/s by batch size: {', '.join(f'{k}: {v:.0f}' for k, v in rates.items())})"
+            if rates
+            else "",
         )
         m = metrics()
         name, version = model.spec.name, model.spec.version
@@ -133,12 +153,13 @@ class ModelPool:
 
         batcher = MicroBatcher(
             model.run,
-            max_batch_size=self.settings.max_batch_size,
+            max_batch_size=batch_size,
             queue_limit=self.settings.queue_limit,
+            runners=runners,
             on_batch=on_batch,
             name=name,
         )
-        return ServedModel(model=model, batcher=batcher)
+        return ServedModel(model=model, batcher=batcher, batch_rates=rates)
 
     async def _load(self, slot: Slot, stored: StoredVersion | None) -> None:
         slot.loading = True
@@ -197,7 +218,13 @@ class ModelPool:
             slot.failed_version = version
 
     async def start(self) -> None:
-        """Load every model (in the background) and follow their aliases."""
+        """Try to load every model once, then follow their aliases (and retry failed loads) in the
+        background."""
+        for slot in self.slots:
+            try:
+                await self._refresh(slot)
+            except Exception:  # a failure is recorded in the slot; the poller retries
+                log.exception("loading %s failed", slot.ref)
         self._poller = asyncio.get_running_loop().create_task(self._poll())
 
     async def _poll(self) -> None:
