@@ -90,6 +90,38 @@ class Settings(BaseSettings):
         "docs/benchmarks.md), so it is off unless asked for.",
     )
 
+    # -- faults and shutdown (service/drain.py); deploy/ sizes the pod's grace period from these --
+    drain_delay_seconds: float = Field(
+        default=3.0,
+        ge=0,
+        description="After SIGTERM, how long /readyz answers 503 (\"draining\") while new requests are "
+        "still served, so load balancers stop routing here before the listener closes.",
+    )
+    drain_seconds: float = Field(
+        default=30.0,
+        gt=0,
+        description="After SIGTERM and the drain delay, the longest in-flight requests get to finish "
+        "before the process exits.",
+    )
+    request_timeout_seconds: float = Field(
+        default=60.0,
+        gt=0,
+        description="A request not answered within this time gets 504 (a stuck model never holds a client forever).",
+    )
+    load_retry_max_seconds: float = Field(
+        default=30.0,
+        ge=0,
+        description="A served model that fails to load at start-up is retried with backoff up to this "
+        "interval; meanwhile /readyz answers 503 with the reason and /livez 200.",
+    )
+    # -- artifact safety (models/preflight.py) --------------------------------------------------
+    preflight_timeout_seconds: float = Field(
+        default=120.0,
+        gt=0,
+        description="An ONNX file is loaded and run once in a subprocess before it is registered or "
+        "served; a load that crashes or runs longer than this is refused.",
+    )
+
     def served_refs(self) -> list[str]:
         return [r.strip() for r in self.serve_models.split(",") if r.strip()]
 
