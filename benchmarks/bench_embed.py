@@ -2,7 +2,8 @@
 
 1. The in-process ceiling: decode + preprocess + ONNX Runtime in one process using every core,
    nothing written (the best of a few simple configurations: decoding serially or in threads
-   ahead of inference, ONNX Runtime on one thread or all cores).
+   ahead of inference, ONNX Runtime as one call on one thread or all cores, or as micro-batches
+   run on one thread per core at once).
 2. The local engine (``backbones embed``: decode worker processes, ORT in the main process,
    Parquet shards), with its default workers and threads.
 3. The Ray engine on this one machine (a local Ray with every core).
@@ -125,22 +126,46 @@ def core_time_model(paths: Sequence[str], model_file: Path, loader: Any, batch: 
     return {"decode_ms": decode_ms, "infer_core_ms": infer_ms, "images_per_s": cores * 1e3 / (decode_ms + infer_ms)}
 
 
-def ceiling_configs(cores: int) -> list[tuple[int, int]]:
-    """(ORT threads, decode threads; 0 = decode serially before each inference)."""
-    return [(cores, 0), (cores, 1), (cores, cores), (1, cores)] if cores > 1 else [(1, 0), (1, 1)]
+def ceiling_configs(cores: int) -> list[tuple[int, int, int]]:
+    """(ORT threads per call, decode threads (0 = decode serially before each inference), ORT calls
+    at once (>1: the batch split into micro-batches run on that many threads))."""
+    if cores == 1:
+        return [(1, 0, 1), (1, 1, 1)]
+    return [(cores, 0, 1), (cores, 1, 1), (cores, cores, 1), (1, cores, 1), (1, cores, cores), (1, 1, cores)]
 
 
 def bench_ceiling(paths: Sequence[str], model_file: Path, loader: Any, batch: int, cores: int) -> dict[str, float]:
     from models import OnnxSession, Settings
+    from service.embed_local import MICRO_BATCH
 
     rates = {}
     sessions: dict[int, Any] = {}
-    for threads, decode_threads in ceiling_configs(cores):
+    for threads, decode_threads, runners in ceiling_configs(cores):
         if threads not in sessions:
             sessions[threads] = OnnxSession(model_file, settings=Settings(providers="cpu"), threads=threads)
+        session = sessions[threads]
         how = "serial decode" if decode_threads == 0 else f"{decode_threads} decode thread(s) ahead"
-        rates[f"{how}, ORT {threads} thread(s)"] = _run_ceiling(paths, loader, sessions[threads], batch, decode_threads)
+        if runners == 1:
+            rates[f"{how}, ORT {threads} thread(s)"] = _run_ceiling(paths, loader, session, batch, decode_threads)
+            continue
+        with ThreadPoolExecutor(runners) as pool:
+            label = f"{how}, {runners} ORT calls at once of {MICRO_BATCH} images, {threads} thread each"
+            rates[label] = _run_ceiling(paths, loader, _SplitRun(session, pool), batch, decode_threads)
     return rates
+
+
+class _SplitRun:
+    """A batch run as micro-batches of ``MICRO_BATCH`` images, as many calls at once as ``pool`` has threads."""
+
+    def __init__(self, session: Any, pool: ThreadPoolExecutor) -> None:
+        self.session, self.pool = session, pool
+
+    def run(self, x: Any) -> None:
+        import numpy as np
+
+        from service.embed_local import MICRO_BATCH
+
+        list(self.pool.map(self.session.run, np.split(x, range(MICRO_BATCH, len(x), MICRO_BATCH))))
 
 
 # -- 2. and 3. the engines ---------------------------------------------------------------------------
@@ -166,6 +191,7 @@ def bench_engine(engine: str, manifest: Path, registry: Any, out: Path, batch: i
     return {
         "workers": st.workers,
         "threads": st.threads,
+        "runners": st.runners,
         "images": summary.images_computed,
         "job": summary.images_per_s,
         "startup_s": st.startup_s,
@@ -210,7 +236,7 @@ def summarize(rounds: list[dict[str, Any]]) -> dict[str, Any]:
         keys = ("job", "startup_s", "run_s", "decode_s", "infer_s", "wait_s")
         row = {k: _median([x[k] for x in runs]) for k in keys}
         row["ratio"] = _median([x["job"] / b for x, b in zip(runs, best, strict=True)])
-        row["workers"], row["threads"] = runs[0]["workers"], runs[0]["threads"]
+        row["workers"], row["threads"], row["runners"] = runs[0]["workers"], runs[0]["threads"], runs[0]["runners"]
         row["cpu_share"] = _median([r["cpu_share"].get(engine) for r in rounds])
         out["engines"][engine] = row
     out["ceiling_cpu_share"] = _median([r["cpu_share"]["ceiling"] for r in rounds])
@@ -245,7 +271,8 @@ def print_table(r: dict[str, Any]) -> None:
     )
     for name, e in s["engines"].items():
         unit = "decode worker" if name == "local" else "actor"
-        label = f"{name} ({e['workers']} {unit}(s), {e['threads']} ORT thr)"
+        ort = f"{e['runners']}x{e['threads']}" if e.get("runners", 1) > 1 else str(e["threads"])
+        label = f"{name} ({e['workers']} {unit}(s), {ort} ORT thr)"
         split = f"decode {e['decode_s']:.1f} s, ORT {e['infer_s']:.1f} s"
         if name == "local":
             split += f", ORT waiting for decode {e['wait_s']:.1f} s"

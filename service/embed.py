@@ -83,7 +83,8 @@ class EngineStats:
     run_s: float = 0.0  # from the first image to the last shard written
     images: int = 0  # images read in this run (embedded + failed)
     workers: int = 0
-    threads: int = 0
+    threads: int = 0  # ONNX Runtime intra-op threads per call
+    runners: int = 1  # ONNX Runtime calls at once (local engine on a CPU: one per core)
 
 
 @dataclass

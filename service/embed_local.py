@@ -15,8 +15,8 @@ import os
 import time
 import uuid
 from collections import deque
-from collections.abc import Sequence
-from concurrent.futures import Future, ProcessPoolExecutor
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from multiprocessing import shared_memory
@@ -27,7 +27,7 @@ import numpy as np
 
 from models import InferenceModel
 from models.errors import BackbonesError
-from models.runtime import available_cores, gpu_driver_present
+from models.runtime import Outputs, available_cores, gpu_driver_present
 
 from . import embed_output as out_
 from .embed import DEFAULT_BATCH_SIZE, EmbedJob, EngineStats, Shard
@@ -50,6 +50,41 @@ def default_workers(cores: int | None = None) -> int:
     core with a GPU, where decoding is the bottleneck."""
     cores = cores or available_cores()
     return cores if gpu_driver_present() else max(1, cores // 2)
+
+
+def default_runners(threads: int | None, cores: int | None = None) -> int:
+    """Concurrent ONNX Runtime calls on a CPU: one per core, each on one intra-op thread, the batch
+    split into micro-batches of :data:`MICRO_BATCH`. On 2 cores this did ~1.5x the images/s of one
+    batch-32 call on two threads (docs/benchmarks.md): small calls keep both cores busy, where one
+    call's threads wait for each other between layers. One call with a GPU or when ``--threads``
+    is given."""
+    if threads is not None or gpu_driver_present():
+        return 1
+    return cores or available_cores()
+
+
+MICRO_BATCH = 2
+
+
+class ConcurrentRunner:
+    """Runs a batch through ``run`` (a session's or model's): one call, or micro-batches on
+    ``runners`` threads at once (ONNX Runtime sessions take concurrent calls)."""
+
+    def __init__(self, run: Callable[[np.ndarray], Outputs], runners: int) -> None:
+        self._run = run
+        self.pool = ThreadPoolExecutor(runners, thread_name_prefix="ort") if runners > 1 else None
+
+    def run(self, pixels: np.ndarray) -> Outputs:
+        if self.pool is None or len(pixels) <= MICRO_BATCH:
+            return self._run(pixels)
+        parts = list(self.pool.map(self._run, np.split(pixels, range(MICRO_BATCH, len(pixels), MICRO_BATCH))))
+        return Outputs(
+            logits=np.concatenate([p.logits for p in parts]), features=np.concatenate([p.features for p in parts])
+        )
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True)
 
 
 @dataclass
@@ -83,7 +118,8 @@ def run_local(
     progress: Any = None,
 ) -> tuple[list[out_.ShardRecord], EngineStats]:
     """Compute the shards ``todo``: decode in ``workers`` processes (0: in this process) while
-    this process runs ONNX Runtime with ``threads`` intra-op threads on the decoded batches.
+    this process runs ONNX Runtime on the decoded batches: with ``threads`` intra-op threads when
+    given, else (CPU) one single-threaded call per core at once (:func:`default_runners`).
 
     ``progress`` is anything with ``update(n)`` and ``set_postfix(**kw)`` (a tqdm bar) or None.
     """
@@ -93,6 +129,7 @@ def run_local(
         return [], stats
     t_start = time.perf_counter()
     pool: ProcessPoolExecutor | None = None
+    runner: ConcurrentRunner | None = None
     shm: shared_memory.SharedMemory | None = None
     slots: np.ndarray | None = None
     if workers > 0:
@@ -105,7 +142,10 @@ def run_local(
         for _ in range(workers):  # the pool starts a process per task while none is idle
             pool.submit(int)
     try:
-        model = InferenceModel(job.stored, threads=threads)  # while the workers start
+        runners = default_runners(threads)
+        model = InferenceModel(job.stored, threads=1 if runners > 1 else threads)  # while the workers start
+        runner = ConcurrentRunner(model.run, runners)
+        stats.runners = runners
         stats.threads = int(model.session.session.get_session_options().intra_op_num_threads)
         out_.warm_up()
         if pool is not None:
@@ -167,7 +207,7 @@ def run_local(
             if buf is None or buf.shard is not chunk.shard:
                 buf = _ShardBuffer(chunk.shard)
             buf.decode_s += decoded.seconds
-            _infer_into(job, model, chunk, decoded, buf)
+            _infer_into(job, runner, chunk, decoded, buf)
             free.append(slot)  # ORT is done with it
             failed += len(decoded.errors)
             stats.images += chunk.stop - chunk.start
@@ -184,6 +224,8 @@ def run_local(
         stats.run_s = time.perf_counter() - t_run
         return records, stats
     finally:
+        if runner is not None:
+            runner.close()
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
         if shm is not None:
@@ -218,10 +260,10 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _infer_into(job: EmbedJob, model: InferenceModel, chunk: _Chunk, decoded: Decoded, buf: _ShardBuffer) -> None:
+def _infer_into(job: EmbedJob, runner: ConcurrentRunner, chunk: _Chunk, decoded: Decoded, buf: _ShardBuffer) -> None:
     if decoded.pixels.shape[0]:
         t0 = time.perf_counter()
-        outputs = model.run(decoded.pixels)
+        outputs = runner.run(decoded.pixels)
         buf.infer_s += time.perf_counter() - t0
         buf.features.append(outputs.features)
         if job.top_k:

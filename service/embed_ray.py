@@ -61,7 +61,9 @@ def _first_line(e: BaseException) -> str:
 class ShardEmbedder:
     """Ray actor: embeds whole shards. One ONNX Runtime session (:class:`models.runtime.OnnxSession`)
     over the version's ``model.onnx`` (checked against its sha256); ``decode_threads`` threads
-    decode the next batches while ORT runs on the current one (Pillow and NumPy release the GIL)."""
+    decode the next batches while ORT runs on the current one (Pillow and NumPy release the GIL).
+    ``runners`` > 1: each batch runs as micro-batches, that many single-threaded calls at once
+    (as the local engine does on a CPU)."""
 
     def __init__(
         self,
@@ -72,9 +74,12 @@ class ShardEmbedder:
         threads: int | None,
         decode_threads: int,
         top_k: int | None,
+        runners: int = 1,
     ) -> None:
         from models.registry import sha256_file
         from models.runtime import OnnxSession
+
+        from .embed_local import ConcurrentRunner
 
         path = Path(model_path)
         if not path.is_file():
@@ -84,7 +89,8 @@ class ShardEmbedder:
             )
         if sha256_file(path) != sha256:
             raise RuntimeError(f"{model_path} does not match the sha256 its version records")
-        self.session = OnnxSession(path, threads=threads)
+        self.session = OnnxSession(path, threads=1 if runners > 1 else threads)
+        self.runner = ConcurrentRunner(self.session.run, runners)
         self.loader = config.build()
         self.batch_size = batch_size
         self.decode_threads = max(0, decode_threads)
@@ -120,7 +126,7 @@ class ShardEmbedder:
                 pending.append((nxt, self._decode(paths[nxt[0] : nxt[1]])))
             t0 = time.perf_counter()
             if len(decoded.pixels):
-                outputs = self.session.run(decoded.pixels)
+                outputs = self.runner.run(decoded.pixels)
                 features.append(outputs.features)
                 if self.top_k:
                     logits.append(outputs.logits)
@@ -163,13 +169,15 @@ def init_local_ray(num_cpus: int | None = None, *, logging_level: int = logging.
 @dataclass(frozen=True)
 class RayPlan:
     """How the actors use a node: ``actors`` of ``cpus`` CPUs (and ``gpus`` GPUs) each, with
-    ``threads`` ONNX Runtime threads and ``decode_threads`` decode threads."""
+    ``threads`` ONNX Runtime threads per call, ``runners`` calls at once and ``decode_threads``
+    decode threads."""
 
     actors: int
     cpus: float
     gpus: float
     threads: int
     decode_threads: int
+    runners: int = 1
 
 
 def plan_actors(
@@ -182,7 +190,8 @@ def plan_actors(
 ) -> RayPlan:
     """Defaults: with GPUs, one actor per ``gpus_per_actor`` GPUs with 4 decode threads and one
     ORT thread; on CPUs, one actor per 2 CPUs, each decoding in one thread and running ORT on
-    two (the mix that measured best on 2 cores, docs/benchmarks.md)."""
+    two single-threaded calls at once on micro-batches (``threads`` given: one call on that many
+    threads), the mix that measured best on 2 cores (docs/benchmarks.md)."""
     if gpus_per_actor > 0:
         n = actors or max(1, int(float(resources.get("GPU", 0)) // gpus_per_actor))
         decode = 4 if workers is None else workers
@@ -191,7 +200,10 @@ def plan_actors(
     n = actors or max(1, int(cpus) // 2)
     decode = 1 if workers is None else workers
     # leave a little CPU unclaimed: the write tasks must run while the actors live
-    return RayPlan(n, min(1.0, max(0.1, (cpus - 0.25) / n)), 0.0, threads or 2, decode)
+    cpu_share = min(1.0, max(0.1, (cpus - 0.25) / n))
+    if threads is None:
+        return RayPlan(n, cpu_share, 0.0, 1, decode, runners=2)
+    return RayPlan(n, cpu_share, 0.0, threads, decode)
 
 
 def run_ray(
@@ -247,7 +259,7 @@ def run_ray(
         plan = plan_actors(
             ray.cluster_resources(), actors=actors, gpus_per_actor=gpus_per_actor, threads=threads, workers=workers
         )
-        stats.workers, stats.threads = plan.actors, plan.threads
+        stats.workers, stats.threads, stats.runners = plan.actors, plan.threads, plan.runners
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = progress
         layout = ShardLayout(
@@ -281,6 +293,7 @@ def run_ray(
                 "threads": plan.threads,
                 "decode_threads": plan.decode_threads,
                 "top_k": job.top_k,
+                "runners": plan.runners,
             },
             batch_size=None,  # one call per block = per shard
             batch_format="numpy",

@@ -210,6 +210,34 @@ def test_vectors_equal_the_service_and_onnx_runtime_run_directly(tiny_registry: 
     assert list(frame["path"]) == good and list(frame.columns) == ["id", "path", "embedding", "predictions"]
 
 
+def test_micro_batches_on_concurrent_runners_give_the_vectors_of_one_call(
+    tiny_registry: Registry, tmp_path: Path
+) -> None:
+    """On a CPU the local engine splits each batch into micro-batches run on one thread per core
+    at once; rows must come back in input order with the values of a single call."""
+    from service.embed_local import MICRO_BATCH, ConcurrentRunner
+
+    photos = tmp_path / "photos"
+    good = make_tree(photos)
+    model = InferenceModel(tiny_registry.get("tiny_cnn"), threads=1)
+    pixels = model.loader.batch(good)
+    runner = ConcurrentRunner(model.run, 2)
+    try:
+        assert len(pixels) > MICRO_BATCH  # the split path, not the single call
+        split = runner.run(pixels)
+    finally:
+        runner.close()
+    whole = model.run(pixels)
+    np.testing.assert_allclose(split.features, whole.features, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(split.logits, whole.logits, rtol=1e-5, atol=1e-6)
+
+    out = tmp_path / "emb"
+    summary = run_embed("tiny_cnn", [str(photos)], out, batch_size=8, workers=1, threads=None, registry=tiny_registry)
+    emb = np.asarray(read_dir(out).column("embedding").to_pylist(), dtype=np.float32)
+    np.testing.assert_allclose(emb, whole.features, rtol=1e-5, atol=1e-6)
+    assert summary.stats.runners >= 1
+
+
 def _part_stats(out: Path) -> dict[str, tuple[int, int]]:
     return {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in sorted(out.glob("part-*.parquet"))}
 

@@ -146,3 +146,16 @@ def test_shard_embedder_and_the_fragment_fallback(tiny_registry: Registry, tmp_p
         pq.read_table(tmp_path / "pieces" / "part-00000.parquet"),
     )
     assert a.equals(b) and a.schema.equals(b.schema, check_metadata=True)
+
+
+def test_the_actor_plan_for_cpus_and_gpus() -> None:
+    from service.embed_ray import plan_actors
+
+    cpu = plan_actors({"CPU": 8.0}, actors=None, gpus_per_actor=0.0, threads=None, workers=None)
+    # one actor per 2 CPUs; two single-threaded ORT calls at once on micro-batches; one decode thread
+    assert (cpu.actors, cpu.threads, cpu.runners, cpu.decode_threads, cpu.gpus) == (4, 1, 2, 1, 0.0)
+    assert cpu.actors * cpu.cpus <= 8.0 - 0.25  # CPU left for the write tasks
+    threads = plan_actors({"CPU": 8.0}, actors=2, gpus_per_actor=0.0, threads=3, workers=2)
+    assert (threads.actors, threads.threads, threads.runners, threads.decode_threads) == (2, 3, 1, 2)
+    gpu = plan_actors({"CPU": 16.0, "GPU": 2.0}, actors=None, gpus_per_actor=1.0, threads=None, workers=None)
+    assert (gpu.actors, gpu.gpus, gpu.threads, gpu.runners, gpu.decode_threads) == (2, 1.0, 1, 1, 4)
