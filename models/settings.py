@@ -80,6 +80,11 @@ class Settings(BaseSettings):
     decode_threads: int = Field(
         default=0, ge=0, description="Threads decoding uploads in each worker; 0 = one per core the worker has."
     )
+    access_log: bool = Field(
+        default=False,
+        description="Log one line per request (BentoML's access log). Off by default: at hundreds of "
+        "requests/s it costs CPU that inference needs; /metrics counts every request by outcome.",
+    )
     swap_poll_seconds: float = Field(
         default=1.0, gt=0, description="How often the service checks whether a followed alias has moved."
     )

@@ -33,6 +33,7 @@ app = create_app(_pool)
     workers=serving_plan(_settings).workers,
     traffic={"timeout": 60},
     metrics={"enabled": True, "namespace": "bentoml_service"},
+    logging={"access": {"enabled": _settings.access_log}},
 )
 @bentoml.asgi_app(app, path="/")
 class Backbones:

@@ -333,3 +333,23 @@ def test_hot_swap_under_load_then_a_failed_swap_keeps_the_old_version(server: Se
     assert server.post("/classify", jpeg_bytes(0), model="tiny_cnn").json()["model"] == new.tag
     assert server.metric("backbones_model_swaps_total", model="tiny_cnn", outcome="failed") > failed_before
     assert "refusing to load" in server.log.read_text()
+
+
+def test_no_access_log_line_per_request_unless_asked(server: Server, tmp_path: Path) -> None:
+    """BACKBONES_ACCESS_LOG is off by default: requests are counted in /metrics, not logged."""
+    assert server.post("/classify", jpeg_bytes(3)).status_code == 200
+    assert "path=/classify" not in server.log.read_text()
+
+    home = tmp_path / "bentoml"
+    export_catalog("tiny_cnn", registry=Registry(home))
+    logged = start_server(
+        home, ["tiny_cnn"], tmp_path / "server.log", BACKBONES_ACCESS_LOG="true", BACKBONES_WORKERS="1"
+    )
+    try:
+        assert logged.post("/classify", jpeg_bytes(3)).status_code == 200
+        deadline = time.monotonic() + 10
+        while "path=/classify" not in logged.log.read_text() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert "path=/classify" in logged.log.read_text()
+    finally:
+        stop_server(logged)
