@@ -263,8 +263,10 @@ def test_registry_missing_at_start_then_created_then_deleted(tmp_path: Path) -> 
         stored = export_catalog("tiny_cnn", registry=reg, as_name="mynet")
         reg.set_alias(stored.tag, "production")
         wait_for(lambda: httpx.get(server.url + "/readyz").status_code == 200, 30, "ready once the registry exists")
-        # a registry that disappears under a running server: the loaded model keeps serving
-        shutil.rmtree(home)
+        # a registry that disappears under a running server: the loaded model keeps serving. (Its
+        # versions and aliases go; BENTOML_HOME itself stays: BentoML keeps its metric files there.)
+        shutil.rmtree(reg.models_dir)
+        shutil.rmtree(home / "backbones")
         wait_for(
             lambda: httpx.get(server.url + "/models").json()["models"][0]["last_error"],
             30,
