@@ -99,7 +99,7 @@ class Settings(BaseSettings):
     drain_delay_seconds: float = Field(
         default=3.0,
         ge=0,
-        description="After SIGTERM, how long /readyz answers 503 (\"draining\") while new requests are "
+        description='After SIGTERM, how long /readyz answers 503 ("draining") while new requests are '
         "still served, so load balancers stop routing here before the listener closes.",
     )
     drain_seconds: float = Field(
@@ -118,6 +118,12 @@ class Settings(BaseSettings):
         ge=0,
         description="A served model that fails to load at start-up is retried with backoff up to this "
         "interval; meanwhile /readyz answers 503 with the reason and /livez 200.",
+    )
+    fuzz_examples: int = Field(
+        default=0,
+        ge=0,
+        description="Test suite only: examples per API operation in the schemathesis run "
+        "(tests/test_api_fuzz.py). 0 = the short run of `make test`; `make fuzz` sets 2000.",
     )
     # -- artifact safety (models/preflight.py) --------------------------------------------------
     preflight_timeout_seconds: float = Field(

@@ -6,32 +6,38 @@ Which models it serves comes from the settings (``BACKBONES_SERVE_MODELS``, set 
 A worker starts taking connections once it has tried to load every served model: workers share
 the listening socket, so while one is still loading, the others answer. ``/readyz`` is 200 only
 when every served model is loaded and warmed up; a model that failed to load is retried in the
-background while ``/readyz`` says why it is not ready.
+background while ``/readyz`` says why it is not ready (JSON, service/drain.py). SIGTERM drains a
+worker (service/drain.py); a request not answered within ``request_timeout_seconds`` gets 504
+(BentoML's traffic timeout, which answers ``{"error": ...}``).
 """
 
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import bentoml
 
 from models import get_settings
 from models.runtime import serving_plan
 
+from .drain import Drain, ReadinessMiddleware
 from .http import create_app
+from .openapi import OpenAPIMiddleware
 from .pool import ModelPool
 
 log = logging.getLogger(__name__)
 
 _settings = get_settings()
 _pool = ModelPool(_settings.served_refs(), settings=_settings)
+_drain = Drain(delay_seconds=_settings.drain_delay_seconds, drain_seconds=_settings.drain_seconds)
 app = create_app(_pool)
 
 
 @bentoml.service(
     name="backbones",
     workers=serving_plan(_settings).workers,
-    traffic={"timeout": 60},
+    traffic={"timeout": _settings.request_timeout_seconds},
     metrics={"enabled": True, "namespace": "bentoml_service"},
     logging={"access": {"enabled": _settings.access_log}},
 )
@@ -42,6 +48,7 @@ class Backbones:
 
     @bentoml.on_startup
     async def load_models(self) -> None:
+        _drain.install()  # uvicorn's signal handlers are in place by now: take SIGTERM over
         await self.pool.start()
 
     @bentoml.on_shutdown
@@ -50,3 +57,9 @@ class Backbones:
 
     async def __is_ready__(self) -> bool:
         return self.pool.ready
+
+
+# the decorators made Backbones a bentoml.Service, which mypy cannot see
+_service: Any = Backbones
+_service.add_asgi_middleware(ReadinessMiddleware, pool=_pool, drain=_drain)
+_service.add_asgi_middleware(OpenAPIMiddleware, document=lambda: _service.openapi_spec.asdict())

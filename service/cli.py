@@ -306,6 +306,9 @@ def classify_cmd(ref: str, images: tuple[str, ...], top_k: int, batch_size: int,
 
 # -- serve ----------------------------------------------------------------------------------
 
+# Environment variables that make BentoML 1.4 run workers without respawn (bentoml.serving.running_inside_container).
+CONTAINER_MARKERS = ("BENTOML_CONTAINERIZED", "BENTOCLOUD_DEPLOYMENT_URL")
+
 
 @cli.command("serve")
 @click.option(
@@ -338,12 +341,17 @@ def serve_cmd(refs: tuple[str, ...], host: str, port: int, workers: int | None) 
     from models import get_settings
     from models.registry import Ref
 
-    chosen = list(refs) or get_settings().served_refs()
+    settings = get_settings()  # a bad BACKBONES_* value fails here, in one line, not in a server worker
+    chosen = list(refs) or settings.served_refs()
     for ref in chosen:
-        Ref.parse(ref)  # a bad reference fails here, in one line, not in a server worker
+        Ref.parse(ref)  # a bad reference fails here too
     os.environ["BACKBONES_SERVE_MODELS"] = ",".join(chosen)
     if workers is not None:
         os.environ["BACKBONES_WORKERS"] = str(workers)
+    # Inside a container BentoML does not restart a worker that dies (the container would be
+    # restarted instead, losing every worker's requests): the arbiter replaces dead workers here.
+    for name in CONTAINER_MARKERS:
+        os.environ.pop(name, None)
     args = [sys.executable, "-m", "bentoml", "serve", "service.bento:Backbones", "--host", host, "--port", str(port)]
     click.echo(f"serving {', '.join(chosen)} on http://{host}:{port}", err=True)
     sys.stdout.flush()

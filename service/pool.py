@@ -5,7 +5,9 @@ current :class:`ServedModel` can be replaced while the service runs: the new ver
 checked and warmed up beside the old one, then swapped in with one assignment. Requests hold the
 ``ServedModel`` they started with, so in-flight requests finish on the old version, whose batcher
 drains and stops. A version that fails to load leaves the old one serving; the failure is logged,
-shown in ``/models`` and counted in ``backbones_model_swaps_total{outcome="failed"}``.
+shown in ``/models`` and counted in ``backbones_model_swaps_total{outcome="failed"}``. A model
+that has not loaded at all (a missing registry, a broken file) is retried with exponential backoff
+up to ``load_retry_max_seconds``; ``/readyz`` says why meanwhile (service/drain.py).
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ from .batching import BatchStats, MicroBatcher, calibrate_batch_size
 from .metrics import metrics
 
 log = logging.getLogger(__name__)
+
+RETRY_FIRST_SECONDS = 1.0  # the first wait after a failed start-up load (then doubled up to the cap)
 
 
 @dataclass
@@ -50,6 +54,8 @@ class Slot:
     error: str | None = None  # the last failed load, if it has not been fixed by a later one
     failed_version: str | None = None  # a version that failed to load is not retried on every poll
     loading: bool = False
+    retry_in: float = 0.0  # while nothing is loaded: the wait before the next attempt (doubles)
+    retry_at: float = 0.0  # time.monotonic() of the next attempt
 
     def describe(self, registry: Registry) -> dict[str, Any]:
         doc: dict[str, Any] = {
@@ -99,8 +105,9 @@ class ModelPool:
     def ready(self) -> bool:
         return all(s.current is not None for s in self.slots)
 
-    def not_ready_reasons(self) -> list[str]:
-        return [f"{s.ref}: {s.error or 'loading'}" for s in self.slots if s.current is None]
+    def not_ready_reasons(self) -> dict[str, str]:
+        """Why each model that is not loaded yet is not: its last load error, or ``loading``."""
+        return {s.ref: s.error or "loading" for s in self.slots if s.current is None}
 
     def find(self, requested: str | None) -> Slot | None:
         """The slot a request's ``model`` field names (None: the first served model).
@@ -193,7 +200,11 @@ class ModelPool:
         if slot.loading:
             return
         if slot.current is None:
+            if time.monotonic() < slot.retry_at:
+                return
             await self._load(slot, None)
+            if slot.current is None:
+                self._back_off(slot)
             return
         if not slot.follows:
             return
@@ -216,6 +227,15 @@ class ModelPool:
         await self._load(slot, stored)
         if slot.current is None or slot.current.model.spec.version != version:
             slot.failed_version = version
+
+    def _back_off(self, slot: Slot) -> None:
+        """Schedule the next attempt at a model that has never loaded: 1 s, 2 s, 4 s .. up to
+        ``load_retry_max_seconds``, so a missing registry or a broken file is not hammered (each
+        attempt hashes the model's files) yet a fix is picked up soon after it lands."""
+        cap = self.settings.load_retry_max_seconds
+        slot.retry_in = min(cap, max(RETRY_FIRST_SECONDS, 2 * slot.retry_in))
+        slot.retry_at = time.monotonic() + slot.retry_in
+        log.warning("%s is not loaded; next attempt in %.1f s", slot.ref, slot.retry_in)
 
     async def start(self) -> None:
         """Try to load every model once, then follow their aliases (and retry failed loads) in the

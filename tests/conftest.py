@@ -7,14 +7,18 @@ import io
 import os
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 from PIL import Image
 
 from models import Registry, StoredVersion
 from models.samples import synthetic_image
+
+if TYPE_CHECKING:
+    from .serving import Server
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
@@ -99,3 +103,25 @@ def run_cli(tmp_path: Path) -> Callable[..., subprocess.CompletedProcess[str]]:
 
 def make_image(mode: str = "RGB", size: tuple[int, int] = (64, 48)) -> Image.Image:
     return synthetic_image(3, size).convert(mode)
+
+
+@pytest.fixture(scope="session")
+def tiny_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """The real ``backbones serve`` with two workers serving the tiny CNN from a registry of its
+    own (shared by the session: tests may kill a worker, which the server replaces). Requests time
+    out after 10 s (504)."""
+    from models.export import export_catalog
+
+    from .serving import start_server, stop_server
+
+    home = tmp_path_factory.mktemp("tiny-serve") / "bentoml"
+    export_catalog("tiny_cnn", registry=Registry(home))
+    server = start_server(
+        home,
+        ["tiny_cnn"],
+        tmp_path_factory.mktemp("tiny-serve-log") / "server.log",
+        BACKBONES_WORKERS="2",
+        BACKBONES_REQUEST_TIMEOUT_SECONDS="10",
+    )
+    yield server
+    stop_server(server)

@@ -3,17 +3,11 @@
 from __future__ import annotations
 
 import io
-import os
 import re
-import socket
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from pathlib import Path
 
 import httpx
 import numpy as np
@@ -24,75 +18,10 @@ from models import InferenceModel, Registry
 from models.export import export_catalog
 from models.samples import synthetic_image
 
-from .conftest import ROOT, jpeg_bytes, shared_data
+from .conftest import jpeg_bytes, shared_data
+from .serving import Server, start_server, stop_server
 
 pytestmark = pytest.mark.slow
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@dataclass
-class Server:
-    url: str
-    registry: Registry
-    proc: subprocess.Popen[bytes]
-    log: Path
-
-    def post(self, route: str, image: bytes | None = None, timeout: float = 60, **fields: str) -> httpx.Response:
-        files = {"image": ("upload", image, "application/octet-stream")} if image is not None else None
-        return httpx.post(self.url + route, files=files, data=fields, timeout=timeout)
-
-    def metric(self, name: str, **labels: str) -> float:
-        text = httpx.get(self.url + "/metrics", timeout=30).text
-        total = 0.0
-        for line in text.splitlines():
-            if not line.startswith(name + "{"):
-                continue
-            if all(f'{k}="{v}"' in line for k, v in labels.items()):
-                total += float(line.rsplit(" ", 1)[1])
-        return total
-
-
-def start_server(home: Path, refs: list[str], log: Path, **env: str) -> Server:
-    port = free_port()
-    args = [sys.executable, "-m", "service.cli", "serve", "--host", "127.0.0.1", "--port", str(port)]
-    for ref in refs:
-        args += ["--model", ref]
-    environ = {
-        **os.environ,
-        "BENTOML_HOME": str(home),
-        "BENTOML_DO_NOT_TRACK": "true",
-        "BACKBONES_SWAP_POLL_SECONDS": "0.2",
-        **env,
-    }
-    proc = subprocess.Popen(
-        args, cwd=ROOT, env=environ, stdout=log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited: {log.read_text()[-3000:]}")
-        try:
-            if httpx.get(url + "/readyz", timeout=2).status_code == 200:
-                return Server(url, Registry(home), proc, log)
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.3)
-    proc.kill()
-    raise RuntimeError(f"server not ready in time: {log.read_text()[-3000:]}")
-
-
-def stop_server(server: Server) -> None:
-    os.killpg(server.proc.pid, 15)
-    try:
-        server.proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        os.killpg(server.proc.pid, 9)
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,119 @@
+"""Start and stop the real ``backbones serve`` (BentoML) on a free local port, for the service tests.
+
+The server runs in a session of its own (``start_new_session``): the process that ``start_server``
+returns is BentoML's arbiter (``backbones serve`` execs it), its children are the worker processes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import psutil
+
+from models import Registry
+
+from .conftest import ROOT
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Server:
+    url: str
+    registry: Registry
+    proc: subprocess.Popen[bytes]
+    log: Path
+
+    @property
+    def port(self) -> int:
+        return int(self.url.rsplit(":", 1)[1])
+
+    def post(self, route: str, image: bytes | None = None, timeout: float = 60, **fields: str) -> httpx.Response:
+        files = {"image": ("upload", image, "application/octet-stream")} if image is not None else None
+        return httpx.post(self.url + route, files=files, data=fields, timeout=timeout)
+
+    def metric(self, name: str, **labels: str) -> float:
+        text = httpx.get(self.url + "/metrics", timeout=30).text
+        total = 0.0
+        for line in text.splitlines():
+            if not line.startswith(name + "{"):
+                continue
+            if all(f'{k}="{v}"' in line for k, v in labels.items()):
+                total += float(line.rsplit(" ", 1)[1])
+        return total
+
+    def workers(self) -> list[psutil.Process]:
+        """The live worker processes (the arbiter's children)."""
+        try:
+            return [p for p in psutil.Process(self.proc.pid).children() if p.is_running()]
+        except psutil.NoSuchProcess:
+            return []
+
+    def rss_bytes(self) -> int:
+        """Resident memory of the arbiter and its workers together."""
+        total = 0
+        for p in [psutil.Process(self.proc.pid), *self.workers()]:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                total += p.memory_info().rss
+        return total
+
+
+def start_server(
+    home: Path, refs: list[str], log: Path, *, wait_for: str = "/readyz", timeout: float = 180, **env: str
+) -> Server:
+    """Start ``backbones serve`` and return once ``wait_for`` answers 200.
+
+    Tests get a drain delay of 0 (a stop takes no extra seconds) unless they set one in ``env``."""
+    port = free_port()
+    args = [sys.executable, "-m", "service.cli", "serve", "--host", "127.0.0.1", "--port", str(port)]
+    for ref in refs:
+        args += ["--model", ref]
+    environ = {
+        **os.environ,
+        "BENTOML_HOME": str(home),
+        "BENTOML_DO_NOT_TRACK": "true",
+        "BACKBONES_SWAP_POLL_SECONDS": "0.2",
+        "BACKBONES_DRAIN_DELAY_SECONDS": "0",
+        **env,
+    }
+    proc = subprocess.Popen(
+        args, cwd=ROOT, env=environ, stdout=log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited: {log.read_text()[-3000:]}")
+        try:
+            if httpx.get(url + wait_for, timeout=2).status_code == 200:
+                return Server(url, Registry(home), proc, log)
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    os.killpg(proc.pid, signal.SIGKILL)
+    raise RuntimeError(f"server not ready in time: {log.read_text()[-3000:]}")
+
+
+def stop_server(server: Server, timeout: float = 60) -> None:
+    """SIGTERM to the whole session (as a terminal's Ctrl+C would), SIGKILL if it overstays."""
+    try:
+        os.killpg(server.proc.pid, signal.SIGTERM)
+        server.proc.wait(timeout=timeout)
+    except ProcessLookupError:
+        pass
+    except subprocess.TimeoutExpired:
+        os.killpg(server.proc.pid, signal.SIGKILL)
+        server.proc.wait(timeout=10)
