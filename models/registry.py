@@ -319,10 +319,14 @@ class Registry:
         return sorted(d.name for d in self.models_dir.iterdir() if d.is_dir() and self._version_dirs(d.name))
 
     def _read_spec(self, vdir: Path) -> VersionSpec:
+        tag = f"{vdir.parent.name}:{vdir.name}"
         try:
-            return VersionSpec.model_validate_json((vdir / SPEC_FILENAME).read_bytes())
+            spec = VersionSpec.model_validate_json((vdir / SPEC_FILENAME).read_bytes())
         except (OSError, ValidationError) as e:
-            raise IntegrityError(f"{vdir.parent.name}:{vdir.name} has an unreadable spec.json ({e})") from None
+            raise IntegrityError(f"{tag} has an unreadable spec.json ({e})") from None
+        if spec.tag != tag:
+            raise IntegrityError(f"{tag} holds the spec of {spec.tag}; refusing to load it")
+        return spec
 
     def versions(self, name: str) -> list[VersionSpec]:
         """The versions of ``name``, oldest first (unchecked: for listing)."""
@@ -356,6 +360,8 @@ class Registry:
                 raise UnknownModelError(f"{r.name}@{r.alias} points to {target!r}, which is not a version of {r.name}")
             return r.name, target
         versions = [s.version for s in self.versions(r.name)]
+        if r.version and r.version not in versions and (self.models_dir / r.name / r.version / SPEC_FILENAME).is_file():
+            self._read_spec(self.models_dir / r.name / r.version)  # raises why it is not listed
         if not versions:
             known = ", ".join(self.names()) or "none yet"
             raise UnknownModelError(f"no registered model {r.name!r} (registered: {known})")
@@ -386,7 +392,7 @@ class Registry:
         from bentoml._internal.models.model import Model
 
         tag = f"{vdir.parent.name}:{vdir.name}"
-        if (spec.name, spec.version) != (vdir.parent.name, vdir.name):
+        if spec.tag != tag:
             raise IntegrityError(f"{tag} holds the spec of {spec.tag}; refusing to load it")
         unsafe = [f for f in spec.files if not _FILE_RE.fullmatch(f) or not _SHA256_RE.fullmatch(spec.files[f])]
         if unsafe or ONNX_FILENAME not in spec.files:
