@@ -32,6 +32,10 @@ class ArtifactError(RegistryError):
     outputs, a graph ONNX Runtime cannot load or run, or one that crashes or hangs it."""
 
 
+# Every way an input image can be unusable; the HTTP service maps each to a 4xx status.
+IMAGE_ERROR_KINDS = frozenset({"empty", "undecodable", "unsupported_format", "too_large"})
+
+
 class ImageError(BackbonesError, ValueError):
     """An input image that cannot be used.
 
