@@ -27,6 +27,15 @@ class IntegrityError(RegistryError):
     """A stored file does not match the checksum recorded when its version was registered."""
 
 
+class ArtifactError(RegistryError):
+    """An ONNX file refused before it is stored or served: external data, the wrong inputs or
+    outputs, a graph ONNX Runtime cannot load or run, or one that crashes or hangs it."""
+
+
+# Every way an input image can be unusable; the HTTP service maps each to a 4xx status.
+IMAGE_ERROR_KINDS = frozenset({"empty", "undecodable", "unsupported_format", "too_large"})
+
+
 class ImageError(BackbonesError, ValueError):
     """An input image that cannot be used.
 

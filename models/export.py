@@ -22,8 +22,9 @@ from .catalog import CatalogEntry, find_entry, get_entry
 from .errors import ExportError, UnknownModelError
 from .imaging import Source
 from .networks import Backbone, save_weights
+from .preflight import Expectation, preflight
 from .preprocess import ImageLoader
-from .registry import Ref, Registry, StoredVersion
+from .registry import Ref, Registry, StoredVersion, sha256_file
 from .settings import Settings
 from .spec import INPUT_NAME, ONNX_FILENAME, OUTPUT_NAMES, WEIGHTS_FILENAME, Architecture, Preprocess
 
@@ -87,6 +88,9 @@ def verify_export(
     from .runtime import OnnxSession
 
     check_graph(path)
+    # ONNX Runtime loads the file in this process only after a child process survived doing so
+    expect = Expectation(crop=int(batch.shape[-1]), num_classes=net.num_classes, feature_dim=net.feature_dim)
+    preflight(path, expect, sha256=sha256_file(path))
     session = OnnxSession(path, settings=Settings(providers="cpu"), warmup_batch=0)
     ort_out = session.run(batch)
     single = session.run(batch[:1])  # proves the batch axis is really dynamic

@@ -10,6 +10,7 @@ the export parity tolerance (docs/benchmarks.md), hence off by default.
 from __future__ import annotations
 
 import io
+import struct
 import warnings
 from pathlib import Path
 from typing import BinaryIO
@@ -34,6 +35,10 @@ ImageFile.LOAD_TRUNCATED_IMAGES = False
 
 Source = bytes | str | Path | BinaryIO
 
+# What Pillow's parsers raise on damaged files. Beyond OSError and ValueError, a truncated GIF
+# raises IndexError or struct.error while counting its frames (found by tests/test_fuzz_imaging.py).
+_PARSE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, IndexError, KeyError, struct.error)
+
 
 def _open(source: Source) -> Image.Image:
     if isinstance(source, bytes | bytearray | memoryview):
@@ -57,7 +62,7 @@ def _open(source: Source) -> Image.Image:
             f"not an image this service can read (expected one of: {', '.join(sorted(ALLOWED_FORMATS))})",
             kind="undecodable",
         ) from None
-    except (OSError, ValueError, SyntaxError) as e:
+    except _PARSE_ERRORS as e:
         raise ImageError(f"cannot decode the image: {e}", kind="undecodable") from None
 
 
@@ -131,7 +136,7 @@ def decode_image(
         return _to_rgb(upright if upright is not None else img)
     except ImageError:
         raise
-    except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as e:
+    except (*_PARSE_ERRORS, Image.DecompressionBombError) as e:
         raise ImageError(f"cannot decode the image: {e}", kind="undecodable") from None
     finally:
         # exif_transpose and convert return new images: close the file-backed original, unless

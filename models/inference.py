@@ -46,11 +46,30 @@ def top_k(logits: np.ndarray, labels: Sequence[str], k: int) -> list[list[Predic
 class InferenceModel:
     """Classification and embedding with one registered version (one session, two outputs)."""
 
-    def __init__(self, stored: StoredVersion, *, settings: Settings | None = None, threads: int | None = None) -> None:
+    def __init__(
+        self,
+        stored: StoredVersion,
+        *,
+        settings: Settings | None = None,
+        threads: int | None = None,
+        preflight: bool = False,
+    ) -> None:
+        """``preflight``: load and run the file in a child process first (models/preflight.py), so
+        that a file that crashes ONNX Runtime never reaches this process; the service does this."""
         settings = settings or get_settings()
         self.stored = stored
         self.spec: VersionSpec = stored.spec
         self.tag = stored.spec.tag
+        if preflight:
+            from .preflight import expectation
+            from .preflight import preflight as check
+
+            check(
+                stored.file(ONNX_FILENAME),
+                expectation(self.spec),
+                sha256=self.spec.files[ONNX_FILENAME],
+                settings=settings,
+            )
         self.session = OnnxSession(stored.file(ONNX_FILENAME), settings=settings, threads=threads)
         self.loader = ImageLoader(
             self.spec.preprocess, max_pixels=settings.max_image_pixels, draft=settings.draft_decoding
@@ -58,7 +77,13 @@ class InferenceModel:
 
     @classmethod
     def load(
-        cls, ref: str, *, registry: Registry | None = None, settings: Settings | None = None, threads: int | None = None
+        cls,
+        ref: str,
+        *,
+        registry: Registry | None = None,
+        settings: Settings | None = None,
+        threads: int | None = None,
+        preflight: bool = False,
     ) -> InferenceModel:
         """Load ``ref`` (checksums verified); a catalog name with no version yet is exported first."""
         from .errors import UnknownModelError
@@ -70,7 +95,7 @@ class InferenceModel:
             from .export import ensure_version  # needs PyTorch: imported only for a first export
 
             stored = ensure_version(ref, registry)
-        return cls(stored, settings=settings, threads=threads)
+        return cls(stored, settings=settings, threads=threads, preflight=preflight)
 
     def run(self, batch: np.ndarray) -> Outputs:
         return self.session.run(batch)

@@ -23,6 +23,13 @@ _PIL_INTERPOLATION = {
 
 Transform = Callable[[Image.Image], np.ndarray]
 
+# Beyond this aspect ratio, only the source region under the crop is resampled. A 1x20000 sliver
+# would otherwise be resized to 256 x 5,120,000 pixels (3.9 GB, 13 s) to keep a 224x224 window
+# (found by tests/test_fuzz_imaging.py). Resampling a box uses the same filter centres and
+# weights, but PIL's arithmetic for a box differs by up to 2/255 on a few percent of the pixels,
+# so ordinary photos keep the exact torchvision path.
+SLIVER_RATIO = 16
+
 
 def resized_size(width: int, height: int, short_side: int) -> tuple[int, int]:
     """torchvision's rule: the shorter side becomes ``short_side``, the longer one is truncated."""
@@ -44,11 +51,15 @@ def eval_transform(pre: Preprocess) -> Transform:
             raise ValueError(f"eval_transform expects an RGB image, got mode {img.mode}; use decode_image")
         w, h = img.size
         nw, nh = resized_size(w, h, pre.resize)
-        if (nw, nh) != (w, h):
-            img = img.resize((nw, nh), resample)
         top = round((nh - crop) / 2.0)
         left = round((nw - crop) / 2.0)
-        img = img.crop((left, top, left + crop, top + crop))
+        if max(w, h) > SLIVER_RATIO * min(w, h):
+            sx, sy = w / nw, h / nh
+            img = img.resize((crop, crop), resample, box=(left * sx, top * sy, (left + crop) * sx, (top + crop) * sy))
+        else:
+            if (nw, nh) != (w, h):
+                img = img.resize((nw, nh), resample)
+            img = img.crop((left, top, left + crop, top + crop))
         chw = np.asarray(img, dtype=np.float32).transpose(2, 0, 1)
         return chw * scale + offset
 

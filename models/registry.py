@@ -38,8 +38,9 @@ from typing import Any
 from pydantic import ValidationError
 
 from .errors import IntegrityError, RegistryError, UnknownModelError
+from .preflight import expectation, preflight
 from .settings import Settings, get_settings
-from .spec import SPEC_FILENAME, VersionSpec
+from .spec import ONNX_FILENAME, SPEC_FILENAME, VersionSpec
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +48,8 @@ PRODUCTION = "production"
 BACKBONES_LABEL = "backbones"
 # BentoML's tag rule: lowercase alphanumerics, '_', '-', '.', starting and ending alphanumeric.
 _NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9._-]{0,61}[a-z0-9])?$")
+_FILE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # a plain file name inside a version
+_SHA256_RE = re.compile(r"[0-9a-f]{64}")
 _CHUNK = 1 << 20
 
 
@@ -94,13 +97,16 @@ class Ref:
 
 
 def _registry_name(name: str) -> str:
-    # catalog names of timm models contain '/', which a store path cannot
+    # catalog names of timm models (timm/<model>) contain one '/', which a store path cannot
     if "/" not in name:
         return validate_name(name)
+    prefix, _, model = name.partition("/")
+    if prefix != "timm" or "/" in model:
+        raise RegistryError(f"invalid model name {name!r}: only timm/<model> may contain '/'")
     try:
-        return validate_name(name.replace("/", "-").lower())
+        return validate_name(f"timm-{model}".lower())
     except RegistryError:
-        raise RegistryError(f"invalid model name {name!r}: only timm/<model> may contain '/'") from None
+        raise RegistryError(f"invalid model name {name!r}: not a timm model name") from None
 
 
 @dataclass(frozen=True)
@@ -188,6 +194,7 @@ class Registry:
 
             home = BentoMLContainer.bentoml_home.get()
         self.home = Path(home).expanduser().resolve()
+        self.settings = settings
         self.models_dir = self.home / "models"
         self._own = self.home / "backbones"
         self._staging = self._own / "staging"
@@ -259,16 +266,14 @@ class Registry:
         self._ensure_dirs()
         self._clean_staging()
         for fname in files:
-            if fname in (SPEC_FILENAME, "model.yaml") or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", fname):
+            if fname in (SPEC_FILENAME, "model.yaml") or not _FILE_RE.fullmatch(fname):
                 raise RegistryError(
                     f"invalid file name {fname!r} for a version (plain names only; {SPEC_FILENAME} is written here)"
                 )
-        digests = {fname: sha256_file(Path(src)) for fname, src in files.items()}
-        try:
-            spec = VersionSpec(name=name, version=version, created_at=_now(), files=digests, **dict(spec_fields))
-        except ValidationError as e:
-            raise RegistryError(f"invalid spec for {name}: {e}") from None
-        spec_bytes = spec.model_dump_json(indent=2).encode()
+        if ONNX_FILENAME not in files:
+            raise RegistryError(
+                f"a version needs its {ONNX_FILENAME}; got only {', '.join(sorted(files)) or 'no files'}"
+            )
 
         staged = self._staging / f"{os.getpid()}-{uuid.uuid4().hex}"
         target = self.models_dir / name / version
@@ -276,6 +281,14 @@ class Registry:
             staged.mkdir(parents=True)
             for fname, src in files.items():
                 shutil.copyfile(src, staged / fname)
+            # what is hashed and checked is the copy that will be stored, not its source
+            digests = {fname: sha256_file(staged / fname) for fname in files}
+            try:
+                spec = VersionSpec(name=name, version=version, created_at=_now(), files=digests, **dict(spec_fields))
+            except ValidationError as e:
+                raise RegistryError(f"invalid spec for {name}: {e}") from None
+            preflight(staged / ONNX_FILENAME, expectation(spec), sha256=digests[ONNX_FILENAME], settings=self.settings)
+            spec_bytes = spec.model_dump_json(indent=2).encode()
             (staged / SPEC_FILENAME).write_bytes(spec_bytes)
             _write_bento_model_yaml(staged, name, version, spec, hashlib.sha256(spec_bytes).hexdigest())
             # everything reaches the disk before it becomes visible in the store
@@ -306,10 +319,14 @@ class Registry:
         return sorted(d.name for d in self.models_dir.iterdir() if d.is_dir() and self._version_dirs(d.name))
 
     def _read_spec(self, vdir: Path) -> VersionSpec:
+        tag = f"{vdir.parent.name}:{vdir.name}"
         try:
-            return VersionSpec.model_validate_json((vdir / SPEC_FILENAME).read_bytes())
+            spec = VersionSpec.model_validate_json((vdir / SPEC_FILENAME).read_bytes())
         except (OSError, ValidationError) as e:
-            raise IntegrityError(f"{vdir.parent.name}:{vdir.name} has an unreadable spec.json ({e})") from None
+            raise IntegrityError(f"{tag} has an unreadable spec.json ({e})") from None
+        if spec.tag != tag:
+            raise IntegrityError(f"{tag} holds the spec of {spec.tag}; refusing to load it")
+        return spec
 
     def versions(self, name: str) -> list[VersionSpec]:
         """The versions of ``name``, oldest first (unchecked: for listing)."""
@@ -333,8 +350,18 @@ class Registry:
             if r.alias not in book:
                 known = ", ".join(sorted(book)) or "none"
                 raise UnknownModelError(f"{r.name} has no alias {r.alias!r} (aliases: {known})")
-            return r.name, book[r.alias]
+            target = book[r.alias]
+            # the alias file is data on disk: what it names must be a version of this model
+            if (
+                not isinstance(target, str)
+                or not _NAME_RE.match(target)
+                or not (self.models_dir / r.name / target).is_dir()
+            ):
+                raise UnknownModelError(f"{r.name}@{r.alias} points to {target!r}, which is not a version of {r.name}")
+            return r.name, target
         versions = [s.version for s in self.versions(r.name)]
+        if r.version and r.version not in versions and (self.models_dir / r.name / r.version / SPEC_FILENAME).is_file():
+            self._read_spec(self.models_dir / r.name / r.version)  # raises why it is not listed
         if not versions:
             known = ", ".join(self.names()) or "none yet"
             raise UnknownModelError(f"no registered model {r.name!r} (registered: {known})")
@@ -365,6 +392,14 @@ class Registry:
         from bentoml._internal.models.model import Model
 
         tag = f"{vdir.parent.name}:{vdir.name}"
+        if spec.tag != tag:
+            raise IntegrityError(f"{tag} holds the spec of {spec.tag}; refusing to load it")
+        unsafe = [f for f in spec.files if not _FILE_RE.fullmatch(f) or not _SHA256_RE.fullmatch(spec.files[f])]
+        if unsafe or ONNX_FILENAME not in spec.files:
+            raise IntegrityError(
+                f"{tag}: spec.json lists {'files ' + ', '.join(map(repr, unsafe)) if unsafe else f'no {ONNX_FILENAME}'} "
+                "(plain file names with sha256 digests expected); refusing to load it"
+            )
         try:
             expected_spec = Model.from_path(vdir).info.metadata.get("spec_sha256")
         except Exception as e:

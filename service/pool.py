@@ -131,10 +131,13 @@ class ModelPool:
     def _make_served(self, stored: StoredVersion | None, ref: str) -> ServedModel:
         plan = serving_plan(self.settings)
         runners, threads = plan.runners, plan.intra_op_threads
+        # preflight: a file that would crash ONNX Runtime crashes a child process, not this server
         model = (
-            InferenceModel(stored, settings=self.settings, threads=threads)
+            InferenceModel(stored, settings=self.settings, threads=threads, preflight=True)
             if stored is not None
-            else InferenceModel.load(ref, registry=self.registry, settings=self.settings, threads=threads)
+            else InferenceModel.load(
+                ref, registry=self.registry, settings=self.settings, threads=threads, preflight=True
+            )
         )
         batch_size, rates = self.settings.max_batch_size, dict[int, float]()
         if not batch_size:
