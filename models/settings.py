@@ -94,7 +94,7 @@ class Settings(BaseSettings):
     drain_delay_seconds: float = Field(
         default=3.0,
         ge=0,
-        description="After SIGTERM, how long /readyz answers 503 (\"draining\") while new requests are "
+        description='After SIGTERM, how long /readyz answers 503 ("draining") while new requests are '
         "still served, so load balancers stop routing here before the listener closes.",
     )
     drain_seconds: float = Field(
