@@ -86,8 +86,8 @@ def split_photos(
             skipped[str(path)] = str(e)
             continue
         good.append((hashlib.sha256(data).hexdigest(), Path(path)))
-    for path, why in skipped.items():
-        log.warning("skipping calibration photo %s: %s", path, why)
+    for where, why in skipped.items():
+        log.warning("skipping calibration photo %s: %s", where, why)
     if len(good) < MIN_PHOTOS:
         raise ConversionError(
             f"INT8 calibration needs at least {MIN_PHOTOS} readable photos, got {len(good)} "
