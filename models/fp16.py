@@ -19,7 +19,7 @@ import onnx
 from .convert import check_agreement, compare_with_parent, register_converted
 from .errors import ConversionError
 from .export import check_graph, verification_batch
-from .graph_prep import fold_static_shapes
+from .graph_prep import fold_static_shapes, sort_topologically
 from .imaging import Source
 from .registry import Registry, StoredVersion, validate_name
 from .spec import ONNX_FILENAME
@@ -35,7 +35,7 @@ def to_fp16(src: Path, dst: Path) -> onnx.ModelProto:
     """Write the float16 version of the graph at ``src`` to ``dst`` (inputs/outputs stay float32)."""
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
-    model = convert_float_to_float16(fold_static_shapes(onnx.load(str(src))), keep_io_types=True)
+    model = sort_topologically(convert_float_to_float16(fold_static_shapes(onnx.load(str(src))), keep_io_types=True))
     onnx.save(model, str(dst))
     return model
 

@@ -136,3 +136,25 @@ def fold_static_shapes(model: onnx.ModelProto, *, max_rounds: int = 64) -> onnx.
             break
     log.debug("folded static shapes: %d -> %d nodes", before, len(model.graph.node))
     return model
+
+
+def sort_topologically(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Order the nodes so that each comes after the producers of its inputs (in place; also
+    returned). ONNX Runtime's float16 converter appends the casts of the graph inputs at the end,
+    which onnx.checker rejects."""
+    graph = model.graph
+    ready = {i.name for i in graph.input} | {t.name for t in graph.initializer} | {""}
+    pending = list(graph.node)
+    ordered: list[onnx.NodeProto] = []
+    while pending:
+        rest = [n for n in pending if not all(i in ready for i in n.input)]
+        placed = [n for n in pending if all(i in ready for i in n.input)]
+        if not placed:
+            raise ValueError(f"the graph has a cycle or a missing input at {[n.name for n in rest[:3]]}")
+        for n in placed:
+            ordered.append(n)
+            ready.update(n.output)
+        pending = rest
+    del graph.node[:]
+    graph.node.extend(ordered)
+    return model

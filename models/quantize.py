@@ -200,7 +200,7 @@ def quantize_version(
     needed = int(np.ceil(1 / max(1 - opts.min_agreement, 1e-9)))
     if len(split.holdout) < needed:
         log.warning(
-            "only %d held-out photos: one disagreement with the parent costs %.1f points, more than the %.1f "
+            "only %d held-out photos: one disagreement with the parent costs %.2f points, more than the %.2f "
             "allowed by min_agreement %.2f",
             len(split.holdout),
             100 / len(split.holdout),
