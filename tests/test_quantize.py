@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import httpx
 import numpy as np
 import onnx
 import pytest
@@ -267,3 +268,31 @@ def test_lite0_int8_gate_on_the_ants_and_bees(lite0_registry: Registry) -> None:
     conv = stored.spec.conversion
     assert conv is not None and conv["calibration"]["readable"] == 245  # the placeholder GIF decodes: it counts
     assert conv["heldout"]["images"] == 49 and conv["heldout"]["top1_agreement"] >= 0.95
+
+
+# -- serving ----------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_the_service_serves_an_int8_version(
+    reg: Registry, int8: StoredVersion, calibration: Path, tmp_path: Path
+) -> None:
+    from .test_service import start_server, stop_server
+
+    photo = photos_in(calibration)[3]
+    local = InferenceModel.load(int8.tag, registry=reg, settings=Settings(providers="cpu"))
+    server = start_server(reg.home, ["tiny_int8"], tmp_path / "server.log")
+    try:
+        r = server.post("/classify", photo.read_bytes(), top_k="3")
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["model"] == int8.tag
+        assert [p["index"] for p in body["predictions"]] == [p.index for p in local.classify([photo], k=3)[0]]
+        e = server.post("/embed", photo.read_bytes())
+        assert e.status_code == 200 and e.json()["dim"] == 32
+        np.testing.assert_allclose(e.json()["embedding"], local.embed([photo])[0], atol=1e-4)
+        served = httpx.get(server.url + "/models", timeout=30).json()["models"][0]
+        assert served["tag"] == int8.tag and served["spec"]["precision"] == "int8"
+        assert served["spec"]["conversion"]["parent"] == reg.get("tiny_cnn").tag
+    finally:
+        stop_server(server)
