@@ -33,9 +33,10 @@ OPSET = 17
 LOGIT_TOLERANCE = 1e-3
 
 
-def export_onnx(net: Backbone, path: Path, crop: int, *, opset: int = OPSET) -> None:
+def export_onnx(net: Backbone, path: Path, crop: int, *, opset: int = OPSET, fold: bool = True) -> None:
     """Write ``net`` (in eval mode, weights inside the file) to ``path``, with the shape
-    arithmetic that is constant for a ``crop`` x ``crop`` input folded (models/graph_prep.py)."""
+    arithmetic that is constant for a ``crop`` x ``crop`` input folded (models/graph_prep.py) unless
+    ``fold`` is false (benchmarks compare the two)."""
     import onnx
     import torch
 
@@ -61,7 +62,8 @@ def export_onnx(net: Backbone, path: Path, crop: int, *, opset: int = OPSET) -> 
         )
     # Exact (verified below like the rest of the graph), and for EfficientNet-Lite0 1.1-1.3x faster
     # on a CPU: its "same" padding becomes a constant Pad that ONNX Runtime fuses into the Conv.
-    onnx.save(fold_static_shapes(onnx.load(str(path))), str(path))
+    if fold:
+        onnx.save(fold_static_shapes(onnx.load(str(path))), str(path))
 
 
 def check_graph(path: Path) -> None:

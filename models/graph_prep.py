@@ -127,15 +127,75 @@ def _prune(model: onnx.ModelProto) -> None:
 
 
 def fold_static_shapes(model: onnx.ModelProto, *, max_rounds: int = 64) -> onnx.ModelProto:
-    """``model`` with every value that is constant for its declared input shape folded (in place;
-    also returned). Rounds repeat because a folded ``Pad`` lets shape inference reach the next
-    layer's ``Shape``."""
+    """``model`` with every value that is constant for its declared input shape folded, and each
+    zero ``Pad`` that now has constant pads merged into the ``Conv`` it feeds (in place; also
+    returned). Rounds repeat because a folded ``Pad`` lets shape inference reach the next layer's
+    ``Shape``."""
     before = len(model.graph.node)
     for _ in range(max_rounds):
         if not _fold_round(model):
             break
-    log.debug("folded static shapes: %d -> %d nodes", before, len(model.graph.node))
+    _constants_to_initializers(model)
+    fused = fuse_pads_into_convs(model)
+    log.debug("folded static shapes: %d -> %d nodes (%d pads fused)", before, len(model.graph.node), fused)
     return model
+
+
+def _constants_to_initializers(model: onnx.ModelProto) -> None:
+    graph = model.graph
+    constants = [n for n in graph.node if n.op_type == "Constant" and not n.domain]
+    for node in constants:
+        graph.initializer.append(numpy_helper.from_array(_evaluate(node, [], model.opset_import)[0], node.output[0]))
+        graph.node.remove(node)
+
+
+def fuse_pads_into_convs(model: onnx.ModelProto) -> int:
+    """Merge every zero, constant-mode ``Pad`` of the spatial axes whose only reader is a ``Conv``
+    into that convolution's own (possibly asymmetric) ``pads``. ONNX Runtime does this itself for
+    float graphs; the INT8 quantizer does not, and would leave each such Pad in float between a
+    dequantize and a quantize. Returns the number of pads fused."""
+    graph = model.graph
+    inits = {t.name: t for t in graph.initializer}
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for i in node.input:
+            readers.setdefault(i, []).append(node)
+    outputs = {o.name for o in graph.output}
+    fused = 0
+    for pad in [n for n in graph.node if n.op_type == "Pad" and not n.domain]:
+        mode = next((a.s.decode() for a in pad.attribute if a.name == "mode"), "constant")
+        users = readers.get(pad.output[0], [])
+        if mode != "constant" or len(users) != 1 or users[0].op_type != "Conv" or pad.output[0] in outputs:
+            continue
+        if len(pad.input) < 2 or pad.input[1] not in inits or (len(pad.input) > 3 and pad.input[3]):
+            continue
+        if (
+            len(pad.input) > 2
+            and pad.input[2]
+            and (pad.input[2] not in inits or numpy_helper.to_array(inits[pad.input[2]]).any())
+        ):
+            continue  # a non-zero fill value is not a convolution's padding
+        pads = [int(v) for v in numpy_helper.to_array(inits[pad.input[1]])]
+        rank = len(pads) // 2
+        begin, end = pads[:rank], pads[rank:]
+        if rank < 3 or any(begin[:2]) or any(end[:2]) or min(pads) < 0:
+            continue
+        conv = users[0]
+        attrs = {a.name: a for a in conv.attribute}
+        if "auto_pad" in attrs and attrs["auto_pad"].s.decode() not in ("", "NOTSET"):
+            continue
+        spatial = rank - 2
+        old = list(attrs["pads"].ints) if "pads" in attrs else [0] * (2 * spatial)
+        new = [old[i] + begin[2 + i] for i in range(spatial)] + [old[spatial + i] + end[2 + i] for i in range(spatial)]
+        kept = [a for a in conv.attribute if a.name not in ("pads", "auto_pad")]
+        del conv.attribute[:]
+        conv.attribute.extend([*kept, onnx.helper.make_attribute("pads", new)])
+        conv.input[0] = pad.input[0]
+        graph.node.remove(pad)
+        fused += 1
+    if fused:
+        _prune(model)
+    return fused
 
 
 def sort_topologically(model: onnx.ModelProto) -> onnx.ModelProto:

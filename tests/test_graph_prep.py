@@ -59,6 +59,29 @@ def test_static_shape_arithmetic_folds_and_the_batch_stays_dynamic() -> None:
         assert int(got[1]) == batch
 
 
+def test_a_zero_pad_before_a_conv_becomes_the_conv_padding() -> None:
+    x = helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 3, 9, 9])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4, None, None])
+    rng = np.random.default_rng(0)
+    inits = [
+        numpy_helper.from_array(np.array([0, 0, 0, 1, 0, 0, 1, 2], np.int64), "pads"),
+        numpy_helper.from_array(rng.normal(size=(4, 3, 3, 3)).astype(np.float32), "w"),
+    ]
+    nodes = [
+        helper.make_node("Constant", [], ["zero"], value=numpy_helper.from_array(np.array(0.0, np.float32))),
+        helper.make_node("Pad", ["input", "pads", "zero"], ["padded"]),
+        helper.make_node("Conv", ["padded", "w"], ["y"], strides=[2, 2]),
+    ]
+    graph = helper.make_graph(nodes, "pad_conv", [x], [y], initializer=inits)
+    make = lambda: helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)  # noqa: E731
+    folded = fold_static_shapes(make())
+    assert [n.op_type for n in folded.graph.node] == ["Conv"]
+    conv = folded.graph.node[0]
+    assert next(a.ints for a in conv.attribute if a.name == "pads") == [0, 1, 1, 2]
+    x_val = rng.normal(size=(2, 3, 9, 9)).astype(np.float32)
+    np.testing.assert_allclose(_run(folded, x_val)[0], _run(make(), x_val)[0], atol=1e-5)
+
+
 def test_sort_topologically_fixes_appended_producers() -> None:
     model = _same_padding_graph()
     nodes = list(model.graph.node)
