@@ -7,6 +7,7 @@ the registry (on BentoML's model store) and the ONNX Runtime session factory. No
 from .catalog import CatalogEntry, catalog, get_entry, register_catalog
 from .errors import (
     BackbonesError,
+    ConversionError,
     ExportError,
     ImageError,
     IntegrityError,
@@ -25,6 +26,7 @@ from .spec import Preprocess, VersionSpec
 __all__ = [
     "BackbonesError",
     "CatalogEntry",
+    "ConversionError",
     "ExportError",
     "ImageError",
     "ImageLoader",

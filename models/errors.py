@@ -46,3 +46,7 @@ class ImageError(BackbonesError, ValueError):
     def __init__(self, message: str, *, kind: str) -> None:
         super().__init__(message)
         self.kind = kind
+
+
+class ConversionError(ExportError):
+    """An INT8 or FP16 conversion failed its accuracy gate or could not be made; nothing was registered."""

@@ -34,9 +34,14 @@ OPSET = 17
 LOGIT_TOLERANCE = 1e-3
 
 
-def export_onnx(net: Backbone, path: Path, crop: int, *, opset: int = OPSET) -> None:
-    """Write ``net`` (in eval mode, weights inside the file) to ``path``."""
+def export_onnx(net: Backbone, path: Path, crop: int, *, opset: int = OPSET, fold: bool = True) -> None:
+    """Write ``net`` (in eval mode, weights inside the file) to ``path``, with the shape
+    arithmetic that is constant for a ``crop`` x ``crop`` input folded (models/graph_prep.py) unless
+    ``fold`` is false (benchmarks compare the two)."""
+    import onnx
     import torch
+
+    from .graph_prep import fold_static_shapes
 
     net.eval()
     dummy = torch.zeros(2, 3, crop, crop)
@@ -56,6 +61,10 @@ def export_onnx(net: Backbone, path: Path, crop: int, *, opset: int = OPSET) -> 
             do_constant_folding=True,
             dynamo=False,
         )
+    # Exact (verified below like the rest of the graph), and for EfficientNet-Lite0 1.1-1.3x faster
+    # on a CPU: its "same" padding becomes a constant Pad that ONNX Runtime fuses into the Conv.
+    if fold:
+        onnx.save(fold_static_shapes(onnx.load(str(path))), str(path))
 
 
 def check_graph(path: Path) -> None:

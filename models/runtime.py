@@ -88,11 +88,17 @@ def select_providers(
     gpu: bool,
     trt_fp16: bool = True,
     trt_cache_dir: Path | None = None,
+    trt_profile: tuple[int, int, int] | None = None,
+    input_shape: Sequence[int] | None = None,
 ) -> list[ProviderSpec]:
     """Providers in priority order with their options.
 
     ``auto``: TensorRT, then CUDA, then CPU, as far as each is installed and a GPU is present.
     An explicit ``cuda`` or ``tensorrt`` that cannot be honoured is an error, not a silent fallback.
+    TensorRT: FP16 kernels when ``trt_fp16``; engine and timing caches in ``trt_cache_dir`` (an
+    engine build takes minutes, a cached one loads in seconds); with ``trt_profile`` (min, opt, max
+    batch) and ``input_shape`` (C, H, W) one engine covers every batch in that range instead of one
+    engine per batch shape met.
     """
     chain: list[str]
     if choice == "cpu":
@@ -120,6 +126,10 @@ def select_providers(
             if trt_cache_dir is not None:
                 opts["trt_engine_cache_path"] = str(trt_cache_dir)
                 opts["trt_timing_cache_path"] = str(trt_cache_dir)
+            if trt_profile is not None and input_shape is not None:
+                chw = "x".join(str(int(d)) for d in input_shape)
+                for key, batch in zip(("min", "opt", "max"), trt_profile, strict=True):
+                    opts[f"trt_profile_{key}_shapes"] = f"{INPUT_NAME}:{batch}x{chw}"
         elif name == CUDA:
             opts = {"device_id": "0", "cudnn_conv_algo_search": "EXHAUSTIVE"}
         specs.append((name, opts))
@@ -142,7 +152,10 @@ class OnnxSession:
         settings: Settings | None = None,
         threads: int | None = None,
         warmup_batch: int = 1,
+        io_binding: bool | None = None,
     ) -> None:
+        """``io_binding``: run through ONNX Runtime's IO binding (default: on CUDA/TensorRT when
+        the ``io_binding`` setting is on)."""
         settings = settings or get_settings()
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -154,19 +167,26 @@ class OnnxSession:
             # idle ORT threads would busy-wait for the next op, taking the core from decoding
             opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         opts.log_severity_level = 3
-        trt_cache = settings.trt_cache_dir
+        available = ort.get_available_providers()
+        gpu = gpu_driver_present()
+        trt_cache = trt_cache_dir(settings) if gpu and TRT in available and settings.providers != "cpu" else None
         providers = select_providers(
             settings.providers,
-            ort.get_available_providers(),
-            gpu=gpu_driver_present(),
+            available,
+            gpu=gpu,
             trt_fp16=settings.trt_fp16,
             trt_cache_dir=trt_cache,
+            trt_profile=settings.trt_profile(),
+            input_shape=_static_chw(path) if trt_cache is not None else None,
         )
         if trt_cache is not None:
             trt_cache.mkdir(parents=True, exist_ok=True)
         self.path = Path(path)
         self.session = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
         self.providers: list[str] = self.session.get_providers()
+        on_device = self.providers[0] in (TRT, CUDA)
+        self.io_binding = (on_device and settings.io_binding) if io_binding is None else io_binding
+        self._device = "cuda" if on_device else "cpu"
         inputs = self.session.get_inputs()
         outputs = [o.name for o in self.session.get_outputs()]
         if len(inputs) != 1 or inputs[0].name != INPUT_NAME or set(outputs) != set(OUTPUT_NAMES):
@@ -184,7 +204,37 @@ class OnnxSession:
         self.run(np.zeros(shape, dtype=np.float32))
 
     def run(self, batch: np.ndarray) -> Outputs:
-        logits, features = self.session.run(
-            list(OUTPUT_NAMES), {INPUT_NAME: np.ascontiguousarray(batch, dtype=np.float32)}
-        )
+        array = np.ascontiguousarray(batch, dtype=np.float32)
+        if self.io_binding:
+            # The input is copied to the device once and the outputs are left where the provider
+            # made them until both are copied back together: no per-output staging by run().
+            binding = self.session.io_binding()
+            binding.bind_cpu_input(INPUT_NAME, array)
+            for name in OUTPUT_NAMES:
+                binding.bind_output(name, self._device)
+            self.session.run_with_iobinding(binding)
+            logits, features = binding.copy_outputs_to_cpu()
+        else:
+            logits, features = self.session.run(list(OUTPUT_NAMES), {INPUT_NAME: array})
         return Outputs(logits=logits, features=features)
+
+
+def trt_cache_dir(settings: Settings) -> Path:
+    """Where TensorRT keeps engines and timing caches: the setting, else beside the registry."""
+    if settings.trt_cache_dir is not None:
+        return settings.trt_cache_dir.expanduser()
+    from .registry import Registry
+
+    return Registry(settings=settings).home / "backbones" / "trt-cache"
+
+
+def _static_chw(path: str | Path) -> tuple[int, int, int] | None:
+    """The graph input's (C, H, W) when they are fixed numbers (they are for every exported model)."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    dims = model.graph.input[0].type.tensor_type.shape.dim[1:]
+    if len(dims) != 3 or not all(d.HasField("dim_value") for d in dims):
+        return None
+    c, h, w = (int(d.dim_value) for d in dims)
+    return c, h, w

@@ -10,7 +10,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ProviderChoice = Literal["auto", "cpu", "cuda", "tensorrt"]
@@ -132,6 +132,41 @@ class Settings(BaseSettings):
         description="An ONNX file is loaded and run once in a subprocess before it is registered or "
         "served; a load that crashes or runs longer than this is refused.",
     )
+    # -- precision (models/quantize.py, models/fp16.py, models/runtime.py) -----------------------
+    quantize_min_agreement: float = Field(
+        default=0.98,
+        gt=0,
+        le=1,
+        description="Default top-1 agreement an INT8 or FP16 version must reach with its FP32 parent on "
+        "held-out photos to be registered (`backbones export --min-agreement` overrides it).",
+    )
+    trt_profile_batches: str = Field(
+        default="",
+        pattern=r"^\s*(\d+\s*(,\s*\d+\s*){0,2})?$",
+        description="TensorRT optimization profile as batch sizes MIN,OPT,MAX (e.g. 1,8,32; one number: "
+        "a fixed batch). Empty: TensorRT builds an engine for each new batch shape it sees.",
+    )
+    io_binding: bool = Field(
+        default=True,
+        description="On CUDA/TensorRT, run through ONNX Runtime's IO binding (outputs allocated once "
+        "per shape by ONNX Runtime and copied back once) instead of plain run().",
+    )
+
+    @field_validator("trt_profile_batches")
+    @classmethod
+    def _increasing_batches(cls, value: str) -> str:
+        sizes = _batch_sizes(value)
+        if any(s < 1 for s in sizes) or sizes != sorted(sizes):
+            raise ValueError(f"batch sizes must be positive and increasing (MIN,OPT,MAX), got {value!r}")
+        return value
+
+    def trt_profile(self) -> tuple[int, int, int] | None:
+        """``(min, opt, max)`` batch sizes from ``trt_profile_batches`` (two numbers: opt = max);
+        ``None`` when unset."""
+        sizes = _batch_sizes(self.trt_profile_batches)
+        if not sizes:
+            return None
+        return sizes[0], sizes[1] if len(sizes) == 3 else sizes[-1], sizes[-1]
 
     def served_refs(self) -> list[str]:
         return [r.strip() for r in self.serve_models.split(",") if r.strip()]
@@ -140,6 +175,10 @@ class Settings(BaseSettings):
         """Where torch.hub keeps downloads, by torch's own rule (TORCH_HOME, XDG_CACHE_HOME, ~/.cache)."""
         root = self.torch_home or (self.xdg_cache_home or Path("~/.cache")) / "torch"
         return root.expanduser() / "hub"
+
+
+def _batch_sizes(value: str) -> list[int]:
+    return [int(v) for v in value.replace(" ", "").split(",") if v]
 
 
 @lru_cache(maxsize=1)

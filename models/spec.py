@@ -20,6 +20,9 @@ WEIGHTS_FILENAME = "weights.safetensors"
 SCHEMA_VERSION = 1
 
 Interpolation = Literal["bilinear", "bicubic", "nearest"]
+# fp32: as exported from PyTorch; int8: statically quantized (QDQ) on CPUs; fp16: for GPUs.
+# Every precision keeps float32 inputs and outputs, so a caller never sees the difference.
+Precision = Literal["fp32", "int8", "fp16"]
 
 
 @dataclass(frozen=True)
@@ -80,6 +83,10 @@ class VersionSpec(BaseModel):
     verification: dict[str, Any] = Field(default_factory=dict)
     source: dict[str, Any] = Field(default_factory=dict)  # where the weights came from
     training: dict[str, Any] | None = None  # fine-tuned versions: data fingerprint, split, metrics
+    precision: Precision = "fp32"
+    # int8/fp16 versions: parent tag, method, calibration fingerprint and counts, held-out agreement
+    # with the parent, max logit error, the threshold it had to pass (models/convert.py)
+    conversion: dict[str, Any] | None = None
 
     @property
     def tag(self) -> str:

@@ -83,6 +83,7 @@ def _version_row(spec: Any, aliases: dict[str, list[str]]) -> dict[str, Any]:
         "parent": spec.parent,
         "num_classes": spec.num_classes,
         "feature_dim": spec.feature_dim,
+        "precision": spec.precision,
         "aliases": aliases.get(spec.version, []),
     }
 
@@ -145,6 +146,15 @@ def models_show(ref: str, as_json: bool) -> None:
             f"  verified     {ver.get('images')} images, max |dlogit| {ver.get('max_abs_logit_diff', 0):.1e}, "
             f"top-1 agreement {ver.get('top1_agreement', 0):.0%}"
         )
+    if s.conversion:
+        conv = s.conversion
+        click.echo(f"  precision    {s.precision} from {conv.get('parent')}: {conv.get('method')}")
+        cal = conv.get("calibration")
+        if cal:
+            click.echo(
+                f"  calibration  {cal['calibration_images']} photos + {cal['holdout_images']} held out, "
+                f"fingerprint {cal['fingerprint'][:16]}..., gate top-1 agreement >= {conv.get('min_agreement')}"
+            )
     if s.training:
         metrics = s.training.get("metrics", {})
         click.echo(f"  training     {json.dumps(metrics)[:200]}")
@@ -213,15 +223,140 @@ def models_delete(ref: str, force: bool) -> None:
     type=click.Path(exists=True, file_okay=False, path_type=Path),
     help="Folder of photos to verify ONNX against PyTorch on (default: synthetic images).",
 )
+@click.option(
+    "--quantize",
+    type=click.Choice(["int8"]),
+    help="Make an INT8 version (for CPUs) of NAME (a catalog name or a registered version, fine-tuned ones too).",
+)
+@click.option(
+    "--precision",
+    type=click.Choice(["fp32", "fp16"]),
+    default="fp32",
+    show_default=True,
+    help="fp16: make an FP16 version (for GPUs) of NAME, float32 inputs and outputs.",
+)
+@click.option(
+    "--calibration",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    help="--quantize: folder of photos (like those the model will see) to calibrate on; a seeded part is "
+    "held out to measure agreement with the FP32 parent. --precision fp16: photos to compare on.",
+)
+@click.option(
+    "--min-agreement",
+    type=click.FloatRange(0, 1, min_open=True),
+    default=None,
+    help="Top-1 agreement with the FP32 parent the new version must reach [default: BACKBONES_QUANTIZE_MIN_AGREEMENT, 0.98].",
+)
+@click.option(
+    "--calibration-method",
+    type=click.Choice(["minmax", "entropy", "percentile"]),
+    default="minmax",
+    show_default=True,
+    help="How activation ranges are chosen from the calibration photos.",
+)
+@click.option(
+    "--holdout-fraction",
+    type=click.FloatRange(0, 1, min_open=True, max_open=True),
+    default=0.2,
+    show_default=True,
+    help="Part of the calibration photos held out for the agreement gate.",
+)
+@click.option(
+    "--float-first-convs",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    help="Keep the first N convolutions in float.",
+)
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the calibration/held-out split.")
 @click.option("--json", "as_json", is_flag=True, help="Print the registered version record as JSON.")
 @handle_errors
-def export_cmd(name: str, as_name: str | None, verify_images: Path | None, as_json: bool) -> None:
-    """Export catalog model NAME to ONNX, verify it against PyTorch and register it.
+def export_cmd(
+    name: str,
+    as_name: str | None,
+    verify_images: Path | None,
+    quantize: str | None,
+    precision: str,
+    calibration: Path | None,
+    min_agreement: float | None,
+    calibration_method: str,
+    holdout_fraction: float,
+    float_first_convs: int,
+    seed: int,
+    as_json: bool,
+) -> None:
+    """Export catalog model NAME to ONNX, verify it against PyTorch and register it; or, with
+    --quantize int8 / --precision fp16, convert NAME (catalog or registered) to INT8 / FP16.
 
     Prints the new tag (NAME:VERSION). Verification: onnx.checker, then ONNX Runtime vs PyTorch
-    on preprocessed images (identical top-1, max |dlogit| <= 1e-3); on failure nothing is
-    registered.
+    on preprocessed images (identical top-1, max |dlogit| <= 1e-3). INT8 and FP16 versions are
+    compared with their FP32 parent instead (top-1 agreement >= --min-agreement, logit error and
+    feature cosine recorded in the spec). On failure nothing is registered.
     """
+    if quantize and precision != "fp32":
+        raise click.UsageError(
+            "--quantize int8 and --precision fp16 are two different versions: make them one at a time"
+        )
+    if quantize and calibration is None:
+        raise click.UsageError(
+            "--quantize int8 needs --calibration DIR: a folder of photos like those the model will see"
+        )
+    if not quantize and precision == "fp32":
+        _export_fp32(name, as_name, verify_images, as_json)
+        return
+    from models import get_settings
+    from models.export import ensure_version
+
+    registry = open_registry()
+    threshold = min_agreement if min_agreement is not None else get_settings().quantize_min_agreement
+    parent = ensure_version(name, registry)
+    if quantize:
+        from models.quantize import QuantizeOptions, quantize_version
+
+        assert calibration is not None
+        options = QuantizeOptions(
+            min_agreement=threshold,
+            method=calibration_method,  # type: ignore[arg-type]
+            holdout_fraction=holdout_fraction,
+            seed=seed,
+            float_first_convs=float_first_convs,
+        )
+        if not as_json:
+            click.echo(f"quantizing {parent.tag} to INT8 on {calibration} ...", err=True)
+        stored = quantize_version(
+            parent,
+            list(image_paths([str(calibration)])),
+            registry=registry,
+            name=as_name or f"{parent.spec.name}_int8",
+            options=options,
+        )
+    else:
+        from models.fp16 import convert_version_fp16
+
+        photos = calibration or verify_images
+        if not as_json:
+            click.echo(f"converting {parent.tag} to FP16 ...", err=True)
+        stored = convert_version_fp16(
+            parent,
+            registry=registry,
+            name=as_name or f"{parent.spec.name}_fp16",
+            min_agreement=threshold,
+            verify_sources=list(image_paths([str(photos)])) if photos else None,
+        )
+    if as_json:
+        echo_json(stored.spec.model_dump(mode="json"))
+        return
+    ver = stored.spec.verification
+    click.echo(
+        f"{stored.spec.precision.upper()} vs FP32 parent on {ver['images']} held-out images: top-1 agreement "
+        f"{ver['top1_agreement']:.1%} ({ver['top1_agreeing']}/{ver['images']}), max |dlogit| "
+        f"{ver['max_abs_logit_diff']:.3g}, feature cosine >= {ver['feature_cosine_min']:.4f}",
+        err=True,
+    )
+    click.echo(stored.tag)
+
+
+def _export_fp32(name: str, as_name: str | None, verify_images: Path | None, as_json: bool) -> None:
     from models.export import export_catalog
 
     sources = list(image_paths([str(verify_images)]))[:16] if verify_images else None

@@ -8,7 +8,7 @@ import pytest
 from onnx import TensorProto, helper
 
 from models.inference import InferenceModel, softmax, top_k
-from models.runtime import CPU, CUDA, TRT, OnnxSession, gpu_driver_present, select_providers
+from models.runtime import CPU, CUDA, TRT, OnnxSession, gpu_driver_present, select_providers, trt_cache_dir
 from models.settings import Settings
 
 ALL = [TRT, CUDA, CPU]
@@ -72,3 +72,52 @@ def test_inference_model_classifies_and_embeds(tiny_registry, image_files) -> No
     assert emb.shape == (3, 32) and emb.dtype == np.float32
     # the same image gives the same vector, whatever batch it is in
     np.testing.assert_allclose(model.embed(image_files[:1])[0], emb[0], atol=1e-5)
+
+
+def test_tensorrt_options_cover_fp16_caches_and_a_batch_profile(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    chosen = dict(
+        select_providers(
+            "tensorrt",
+            ALL,
+            gpu=True,
+            trt_fp16=False,
+            trt_cache_dir=tmp_path,
+            trt_profile=(1, 8, 32),
+            input_shape=(3, 224, 224),
+        )
+    )
+    trt = chosen[TRT]
+    assert trt["trt_fp16_enable"] == "False"
+    assert trt["trt_timing_cache_enable"] == "True" and trt["trt_timing_cache_path"] == str(tmp_path)
+    assert trt["trt_profile_min_shapes"] == "input:1x3x224x224"
+    assert trt["trt_profile_opt_shapes"] == "input:8x3x224x224"
+    assert trt["trt_profile_max_shapes"] == "input:32x3x224x224"
+    assert "trt_profile_min_shapes" not in dict(select_providers("tensorrt", ALL, gpu=True))[TRT]
+
+
+def test_profile_batches_setting_is_checked_when_read() -> None:
+    assert Settings(trt_profile_batches="1,8,32").trt_profile() == (1, 8, 32)
+    assert Settings(trt_profile_batches="4").trt_profile() == (4, 4, 4)
+    assert Settings(trt_profile_batches="2, 16").trt_profile() == (2, 16, 16)
+    assert Settings().trt_profile() is None
+    for bad in ("a", "8,1", "0,4", "1,2,3,4"):
+        with pytest.raises(ValueError):
+            Settings(trt_profile_batches=bad)
+
+
+def test_trt_cache_defaults_beside_the_registry(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    assert trt_cache_dir(Settings(bentoml_home=tmp_path)) == tmp_path.resolve() / "backbones" / "trt-cache"
+    assert trt_cache_dir(Settings(bentoml_home=tmp_path, trt_cache_dir=tmp_path / "c")) == tmp_path / "c"
+
+
+def test_io_binding_gives_the_outputs_of_a_plain_run(tiny_version) -> None:  # type: ignore[no-untyped-def]
+    """The path CUDA/TensorRT sessions take, exercised on the CPU provider."""
+    settings = Settings(providers="cpu")
+    plain = OnnxSession(tiny_version.file("model.onnx"), settings=settings)
+    bound = OnnxSession(tiny_version.file("model.onnx"), settings=settings, io_binding=True)
+    assert not plain.io_binding and bound.io_binding
+    x = np.random.default_rng(1).normal(size=(5, 3, 64, 64)).astype(np.float32)
+    a, b = plain.run(x), bound.run(x)
+    np.testing.assert_array_equal(a.logits, b.logits)
+    np.testing.assert_array_equal(a.features, b.features)
+    assert bound.run(x[:2]).logits.shape == (2, 10)  # a new batch shape needs no new binding
