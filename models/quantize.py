@@ -139,29 +139,34 @@ def quantize_graph(
     """Write the INT8 (QDQ) graph of ``src`` to ``dst``; returns what was done, for the record."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
+    method = {
+        "minmax": CalibrationMethod.MinMax,
+        "entropy": CalibrationMethod.Entropy,
+        "percentile": CalibrationMethod.Percentile,
+    }[opts.method]
+    quiet = _DropPreprocessAdvice()
     with tempfile.TemporaryDirectory(prefix="backbones-quantize-") as tmp:
         prepared = Path(tmp) / "prepared.onnx"
         model = prepare_graph(src, prepared)
         convs = [n.name for n in model.graph.node if n.op_type == "Conv"]
         excluded = convs[: opts.float_first_convs]
-        method = {
-            "minmax": CalibrationMethod.MinMax,
-            "entropy": CalibrationMethod.Entropy,
-            "percentile": CalibrationMethod.Percentile,
-        }[opts.method]
-        quantize_static(
-            str(prepared),
-            str(dst),
-            _reader(photos, loader, opts.batch_size, model.graph.input[0].name),
-            quant_format=QuantFormat.QDQ,
-            per_channel=True,
-            # U8 activations with S8 weights: the combination ONNX Runtime's CPU kernels are made for
-            activation_type=QuantType.QUInt8,
-            weight_type=QuantType.QInt8,
-            calibrate_method=method,
-            nodes_to_exclude=excluded,
-            extra_options={"WeightSymmetric": True, "ActivationSymmetric": False},
-        )
+        logging.getLogger().addFilter(quiet)
+        try:
+            quantize_static(
+                str(prepared),
+                str(dst),
+                _reader(photos, loader, opts.batch_size, model.graph.input[0].name),
+                quant_format=QuantFormat.QDQ,
+                per_channel=True,
+                # U8 activations with S8 weights: the combination ONNX Runtime's CPU kernels are made for
+                activation_type=QuantType.QUInt8,
+                weight_type=QuantType.QInt8,
+                calibrate_method=method,
+                nodes_to_exclude=excluded,
+                extra_options={"WeightSymmetric": True, "ActivationSymmetric": False},
+            )
+        finally:
+            logging.getLogger().removeFilter(quiet)
     return {
         "format": "QDQ",
         "per_channel": True,
@@ -170,6 +175,14 @@ def quantize_graph(
         "convs": len(convs),
         "float_convs": excluded,
     }
+
+
+class _DropPreprocessAdvice(logging.Filter):
+    """ONNX Runtime's quantizer advises, on the root logger, to run its pre-processing first;
+    :func:`prepare_graph` has done what matters here, so on a CLI the advice is only noise."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "pre-processing" not in record.getMessage()
 
 
 def quantize_version(
