@@ -99,15 +99,19 @@ def register_converted(
     *,
     precision: Precision,
     conversion: Mapping[str, Any],
-    verification: Mapping[str, Any],
-    opset: int,
+    report: Mapping[str, Any],
 ) -> StoredVersion:
     """Register ``onnx_path`` as a new version of ``name`` derived from ``parent``.
 
-    ``conversion`` is recorded with the parent's tag and precision added; ``verification`` is the
+    ``conversion`` is recorded with the parent's tag and precision added; ``report`` is the
     comparison with the parent (the keys ``models show`` prints: images, max_abs_logit_diff,
-    top1_agreement)."""
+    top1_agreement), stored as the version's verification against the parent."""
+    import onnx
+
     from .export import library_versions
+
+    graph = onnx.load(str(onnx_path), load_external_data=False)
+    opset = next((o.version for o in graph.opset_import if not o.domain), 0)
 
     files = {ONNX_FILENAME: onnx_path}
     if WEIGHTS_FILENAME in parent.spec.files:  # a later fine-tune starts from the FP32 weights
@@ -125,7 +129,7 @@ def register_converted(
             "feature_dim": p.feature_dim,
             "opset": opset,
             "exporter": library_versions(),
-            "verification": dict(verification),
+            "verification": {**report, "against": p.tag},
             "source": {**p.source, "converted_from": p.tag},
             "training": None,
             "precision": precision,

@@ -82,18 +82,8 @@ def convert_version_fp16(
             "min_agreement": min_agreement,
             "min_feature_cosine": MIN_FEATURE_COSINE,
         }
-        opset = next((o.version for o in model.opset_import if not o.domain), 0)
         log.info("fp16 %s: %s", parent.tag, {k: report[k] for k in ("top1_agreement", "feature_cosine_min")})
-        return register_converted(
-            registry,
-            parent,
-            name,
-            out,
-            precision="fp16",
-            conversion=conversion,
-            verification={**report, "against": parent.tag},
-            opset=opset,
-        )
+        return register_converted(registry, parent, name, out, precision="fp16", conversion=conversion, report=report)
 
 
 def float_io(model: onnx.ModelProto) -> bool:

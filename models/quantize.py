@@ -248,14 +248,4 @@ def quantize_version(
             "heldout": report,
             "min_agreement": opts.min_agreement,
         }
-        opset = next((o.version for o in onnx.load(str(out), load_external_data=False).opset_import if not o.domain), 0)
-        return register_converted(
-            registry,
-            parent,
-            name,
-            out,
-            precision="int8",
-            conversion=conversion,
-            verification={**report, "against": parent.tag},
-            opset=opset,
-        )
+        return register_converted(registry, parent, name, out, precision="int8", conversion=conversion, report=report)
