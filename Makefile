@@ -31,9 +31,13 @@ test: lint typecheck pytest
 serve: install
 	$(UV) run --frozen backbones serve --port $(PORT)
 
+# Every benchmark, one after the other (about half an hour on 2 cores; needs ../shared/data).
 bench: install
 	$(UV) run --frozen python benchmarks/bench_inference.py
 	$(UV) run --frozen python benchmarks/bench_serve.py
+	$(UV) run --frozen python benchmarks/bench_embed.py
+	$(UV) run --frozen python benchmarks/bench_finetune.py
+	$(UV) run --frozen python benchmarks/bench_quantize.py
 
 # The long fuzzing run (the short one is part of `make test`).
 fuzz: install
