@@ -195,6 +195,9 @@ class OnnxSession:
                 f"got inputs {[i.name for i in inputs]} and outputs {outputs}"
             )
         self.input_shape: list[Any] = list(inputs[0].shape)
+        # a TensorRT engine built for a batch range takes nothing larger: bigger batches go in chunks
+        profile = settings.trt_profile() if self.providers[0] == TRT else None
+        self.max_batch: int | None = profile[2] if profile else None
         if warmup_batch:
             self.warmup(warmup_batch)
 
@@ -204,6 +207,11 @@ class OnnxSession:
         self.run(np.zeros(shape, dtype=np.float32))
 
     def run(self, batch: np.ndarray) -> Outputs:
+        if self.max_batch is not None and len(batch) > self.max_batch:
+            parts = [self.run(batch[i : i + self.max_batch]) for i in range(0, len(batch), self.max_batch)]
+            return Outputs(
+                logits=np.concatenate([p.logits for p in parts]), features=np.concatenate([p.features for p in parts])
+            )
         array = np.ascontiguousarray(batch, dtype=np.float32)
         if self.io_binding:
             # The input is copied to the device once and the outputs are left where the provider

@@ -143,8 +143,10 @@ class Settings(BaseSettings):
     trt_profile_batches: str = Field(
         default="",
         pattern=r"^\s*(\d+\s*(,\s*\d+\s*){0,2})?$",
-        description="TensorRT optimization profile as batch sizes MIN,OPT,MAX (e.g. 1,8,32; one number: "
-        "a fixed batch). Empty: TensorRT builds an engine for each new batch shape it sees.",
+        description="TensorRT optimization profile as batch sizes MIN,OPT,MAX (e.g. 1,8,32; MIN must be 1, "
+        "since the service and embed jobs send any batch from 1 up; one number N: 1..N, tuned for N). "
+        "Larger batches are run in chunks of MAX. Empty: TensorRT builds an engine for each new "
+        "batch shape it sees.",
     )
     io_binding: bool = Field(
         default=True,
@@ -158,14 +160,20 @@ class Settings(BaseSettings):
         sizes = _batch_sizes(value)
         if any(s < 1 for s in sizes) or sizes != sorted(sizes):
             raise ValueError(f"batch sizes must be positive and increasing (MIN,OPT,MAX), got {value!r}")
+        if len(sizes) > 1 and sizes[0] != 1:
+            raise ValueError(
+                f"the smallest batch of the profile must be 1 (a lone request is a batch of 1), got {value!r}"
+            )
         return value
 
     def trt_profile(self) -> tuple[int, int, int] | None:
-        """``(min, opt, max)`` batch sizes from ``trt_profile_batches`` (two numbers: opt = max);
-        ``None`` when unset."""
+        """``(min, opt, max)`` batch sizes from ``trt_profile_batches`` (one number N: 1, N, N; two
+        numbers: opt = max); ``None`` when unset."""
         sizes = _batch_sizes(self.trt_profile_batches)
         if not sizes:
             return None
+        if len(sizes) == 1:
+            return 1, sizes[0], sizes[0]
         return sizes[0], sizes[1] if len(sizes) == 3 else sizes[-1], sizes[-1]
 
     def served_refs(self) -> list[str]:

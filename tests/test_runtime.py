@@ -97,10 +97,11 @@ def test_tensorrt_options_cover_fp16_caches_and_a_batch_profile(tmp_path) -> Non
 
 def test_profile_batches_setting_is_checked_when_read() -> None:
     assert Settings(trt_profile_batches="1,8,32").trt_profile() == (1, 8, 32)
-    assert Settings(trt_profile_batches="4").trt_profile() == (4, 4, 4)
-    assert Settings(trt_profile_batches="2, 16").trt_profile() == (2, 16, 16)
+    assert Settings(trt_profile_batches="4").trt_profile() == (1, 4, 4)  # any batch up to 4, tuned for 4
+    assert Settings(trt_profile_batches="1, 16").trt_profile() == (1, 16, 16)
     assert Settings().trt_profile() is None
-    for bad in ("a", "8,1", "0,4", "1,2,3,4"):
+    # the service warms up and answers lone requests at batch 1: a profile must start there
+    for bad in ("a", "8,1", "0,4", "1,2,3,4", "2,16", "4,8,32"):
         with pytest.raises(ValueError):
             Settings(trt_profile_batches=bad)
 
@@ -121,3 +122,16 @@ def test_io_binding_gives_the_outputs_of_a_plain_run(tiny_version) -> None:  # t
     np.testing.assert_array_equal(a.logits, b.logits)
     np.testing.assert_array_equal(a.features, b.features)
     assert bound.run(x[:2]).logits.shape == (2, 10)  # a new batch shape needs no new binding
+
+
+def test_a_session_with_a_batch_limit_runs_larger_batches_in_chunks(tiny_version) -> None:  # type: ignore[no-untyped-def]
+    """A TensorRT engine built for batches up to MAX gets larger batches MAX at a time; the rows
+    come back in order (checked here on the CPU with the limit set by hand)."""
+    session = OnnxSession(tiny_version.file("model.onnx"), settings=Settings(providers="cpu"), threads=1)
+    assert session.max_batch is None  # no TensorRT: no limit
+    batch = np.random.default_rng(0).standard_normal((7, *session.input_shape[1:])).astype(np.float32)
+    whole = session.run(batch)
+    session.max_batch = 3
+    chunked = session.run(batch)
+    np.testing.assert_allclose(chunked.logits, whole.logits, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(chunked.features, whole.features, rtol=1e-5, atol=1e-6)
