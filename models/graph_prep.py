@@ -71,7 +71,11 @@ def _fold_round(model: onnx.ModelProto) -> int:
             consts[node.output[0]] = out
             continue
         value: list[np.ndarray] | None = None
-        if node.op_type == "Shape" and node.input[0] in infos:
+        if (
+            node.op_type == "Shape"
+            and node.input[0] in infos
+            and infos[node.input[0]].type.tensor_type.HasField("shape")  # rank unknown: nothing to fold
+        ):
             dims = _static_dims(infos[node.input[0]])
             selected = dims[_shape_slice(node, len(dims))]
             shape_of[node.output[0]] = selected
@@ -80,7 +84,8 @@ def _fold_round(model: onnx.ModelProto) -> int:
         elif node.op_type == "Gather" and node.input[0] in shape_of and node.input[1] in consts:
             dims = shape_of[node.input[0]]
             idx = consts[node.input[1]]
-            picked = [dims[int(i)] for i in np.ravel(idx)]
+            indices = [int(i) for i in np.ravel(idx)]
+            picked = [dims[i] if -len(dims) <= i < len(dims) else None for i in indices]
             if all(d is not None for d in picked):
                 value = [np.asarray(picked, dtype=np.int64).reshape(idx.shape)]
         elif (
@@ -167,6 +172,8 @@ def fuse_pads_into_convs(model: onnx.ModelProto) -> int:
         users = readers.get(pad.output[0], [])
         if mode != "constant" or len(users) != 1 or users[0].op_type != "Conv" or pad.output[0] in outputs:
             continue
+        if users[0].input[0] != pad.output[0]:
+            continue  # the padded tensor is the convolution's weight or bias, not its data
         if len(pad.input) < 2 or pad.input[1] not in inits or (len(pad.input) > 3 and pad.input[3]):
             continue
         if (

@@ -98,3 +98,22 @@ def test_lite0_export_has_no_shape_arithmetic_left(lite0_registry) -> None:  # t
     ops = {n.op_type for n in model.graph.node}
     assert not ops & {"Shape", "Gather", "Ceil", "ConstantOfShape"}
     assert model.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
+
+
+def test_a_shape_of_unknown_rank_is_left_alone() -> None:
+    """Shape of a tensor whose rank inference cannot know (a Reshape to a run-time shape): nothing
+    to fold, and no error."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 3, 4, 4])
+    shp = helper.make_tensor_value_info("shp", TensorProto.INT64, None)
+    y = helper.make_tensor_value_info("y", TensorProto.INT64, None)
+    nodes = [
+        helper.make_node("Relu", ["x"], ["r"]),
+        helper.make_node("Reshape", ["r", "shp"], ["u"]),
+        helper.make_node("Shape", ["u"], ["s"]),
+        helper.make_node("Gather", ["s", "i"], ["y"], axis=0),
+    ]
+    init = [numpy_helper.from_array(np.array(1, dtype=np.int64), "i")]
+    graph = helper.make_graph(nodes, "unknown_rank", [x, shp], [y], initializer=init)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
+    fold_static_shapes(model)
+    assert [n.op_type for n in model.graph.node] == ["Relu", "Reshape", "Shape", "Gather"]
