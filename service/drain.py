@@ -13,7 +13,8 @@ listening at once and a load balancer still routing here would see refused conne
    ``drain_delay_seconds + drain_seconds + EXIT_MARGIN_SECONDS`` (a stuck ONNX Runtime call), a
    watchdog ends the process, so it always leaves within its pod's grace period.
 
-A second SIGTERM (a terminal's Ctrl+C reaches the arbiter and every worker at once) changes nothing.
+A second SIGTERM (the arbiter passes its own on, so a worker may get two) changes nothing. Ctrl+C in a
+terminal sends SIGINT, which is not drained: uvicorn stops at once.
 
 :class:`ReadinessMiddleware` answers ``/readyz`` with JSON reasons while the worker is draining or
 a served model is not loaded (BentoML's own probe only says 503); ``/livez`` stays BentoML's: a

@@ -122,6 +122,20 @@ def test_selectors_labels_ports_and_names_agree() -> None:
     assert keep["regex"] == ";".join(pod_labels[k] for k in ("app.kubernetes.io/name", "app.kubernetes.io/component"))
 
 
+def test_the_pod_runs_backbones_serve_so_dead_workers_are_replaced() -> None:
+    """The image's own `bentoml serve` runs with BENTOML_CONTAINERIZED set, which turns BentoML's
+    worker respawn off; `backbones serve` unsets it (service/cli.py CONTAINER_MARKERS)."""
+    from service.cli import CONTAINER_MARKERS
+
+    for overlay in OVERLAYS:
+        c = container(render(overlay)["Deployment/backbones"])
+        args = c.get("command", []) + c.get("args", [])
+        assert args[:4] == ["python", "-m", "service.cli", "serve"], (overlay, args)
+        assert int(args[args.index("--port") + 1]) == PORT
+        assert c["workingDir"].endswith("/src")
+        assert not set(CONTAINER_MARKERS) & {e["name"] for e in c.get("env", [])}
+
+
 def test_grace_period_covers_prestop_drain_delay_and_drain() -> None:
     fields = Settings.model_fields
     drain_delay, drain = fields["drain_delay_seconds"].default, fields["drain_seconds"].default
@@ -297,6 +311,9 @@ def test_bentoml_build_packages_the_service(tmp_path: Path, bentofile: str) -> N
     assert info["service"] == "service.bento:Backbones"
     dockerfile = (bento / "env" / "docker" / "Dockerfile").read_text()
     assert f"EXPOSE {PORT}" in dockerfile
+    # the Deployment runs the service from the bento's code folder inside the image
+    (bento_path,) = re.findall(r"ARG BENTO_PATH=(\S+)", dockerfile)
+    assert container(base_objects()["Deployment"])["workingDir"] == f"{bento_path}/src"
     if "gpu" in bentofile:
         assert "cuda" in dockerfile.lower()
     root = load_all(ROOT / "bentofile.yaml")[0]
