@@ -7,24 +7,31 @@
 3. a straightforward FastAPI + PyTorch eager server (benchmarks/baseline_fastapi_torch.py), same
    model and photos, same client counts.
 
+The server runs in --rounds rounds (default 3): each re-measures the best ceiling arrangement while
+the server idles, then the HTTP load; the HTTP/ceiling ratio is the median of the rounds' ratios
+(this VM's speed drifts within minutes, so each ratio compares runs minutes apart at most).
+
 Targets (issue #3): HTTP >= 0.85 x ceiling at its best concurrency, zero non-2xx at 64 clients,
->= 3 x the baseline. Usage: uv run python benchmarks/bench_serve.py [--seconds 20] [--json]
+>= 3 x the baseline. Usage: uv run python benchmarks/bench_serve.py [--seconds 20] [--rounds 3] [--json]
 [--quantized: the INT8 version of the model too, side by side | --model REF: a version you registered]
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import json
 import os
 import platform
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -105,7 +112,17 @@ def wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float = 300) ->
     raise SystemExit(f"{url} not ready after {timeout} s")
 
 
-def measure_server(args: list[str], env: dict[str, str], photos: list[bytes], seconds: float) -> list[LoadResult]:
+def measure_server(
+    args: list[str],
+    env: dict[str, str],
+    photos: list[bytes],
+    seconds: float,
+    *,
+    rounds: int = 1,
+    between: Callable[[], float] | None = None,
+) -> list[tuple[float | None, list[LoadResult]]]:
+    """Start the server once; each round runs ``between`` (the in-process ceiling, while the
+    server idles) and then the load at every client count. Returns (ceiling, loads) per round."""
     port = free_port()
     proc = subprocess.Popen(
         [*args, "--port", str(port)],
@@ -119,7 +136,11 @@ def measure_server(args: list[str], env: dict[str, str], photos: list[bytes], se
         wait_ready(f"http://127.0.0.1:{port}", proc)
         requests = [multipart_request("127.0.0.1", "/classify", p) for p in photos]
         run_load("127.0.0.1", port, requests, 4, 3.0)  # warm-up
-        return [run_load("127.0.0.1", port, requests, c, seconds) for c in CLIENTS]
+        out: list[tuple[float | None, list[LoadResult]]] = []
+        for _ in range(rounds):
+            ceiling_rate = between() if between is not None else None
+            out.append((ceiling_rate, [run_load("127.0.0.1", port, requests, c, seconds) for c in CLIENTS]))
+        return out
     finally:
         os.killpg(proc.pid, 15)
         try:
@@ -175,6 +196,12 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=20.0, help="seconds per measurement")
     parser.add_argument("--no-baseline", action="store_true", help="skip the FastAPI + PyTorch server")
     parser.add_argument(
+        "--rounds",
+        type=int,
+        default=3,
+        help="rounds of (ceiling, HTTP at every client count) on one server; the median ratio counts",
+    )
+    parser.add_argument(
         "--model",
         metavar="REF",
         help="serve this registered version from $BENTOML_HOME (an INT8 one, say) instead of a fresh "
@@ -202,7 +229,9 @@ def main() -> None:
 
     ceilings: dict[str, dict[str, float]] = {}
     rows: list[dict[str, object]] = []
-    best: dict[str, float] = {}
+    best: dict[str, float] = {}  # median over rounds of the best client count's images/s
+    ratio_median: dict[str, float] = {}
+    round_ratios: dict[str, list[dict[str, float]]] = {}
     non_2xx_64: dict[str, int] = {}
     for label, ref, stored in served:
         onnx_path, pre = stored.file("model.onnx"), stored.spec.preprocess  # type: ignore[attr-defined]
@@ -217,20 +246,43 @@ def main() -> None:
                 onnx_path, pre, photos, workers, args.seconds / 2
             )
             log(label, *list(mine.items())[-1])
-        ours = measure_server(
+        # every round pairs the best arrangement's ceiling with the HTTP runs right after it: this
+        # VM's speed drifts by ±15 % within minutes, so each ratio compares like with like
+        top = max(mine, key=mine.__getitem__)
+        workers_top = int(top.split("=")[1].split()[0]) if top.startswith("workers=") else None
+
+        paired_ceiling: Callable[[], float] = (
+            functools.partial(ceiling_workers, onnx_path, pre, photos, workers_top, args.seconds / 2)
+            if workers_top is not None
+            else functools.partial(max, mine.values())  # a batched arrangement won: not re-measured
+        )
+
+        measured = measure_server(
             [sys.executable, "-m", "service.cli", "serve", "--model", ref, "--host", "127.0.0.1"],
             env,
             photos,
             args.seconds,
+            rounds=args.rounds,
+            between=paired_ceiling,
         )
-        for r in ours:
-            rows.append(row(f"backbones serve {label}", r))
-            log(rows[-1])
-        best[label] = max(r.rps for r in ours)
-        non_2xx_64[label] = next(r.non_2xx for r in ours if r.clients == 64)
+        ratios = []
+        for i, (ceil, ours) in enumerate(measured, 1):
+            for r in ours:
+                rows.append({**row(f"backbones serve {label}", r), "round": i})
+                log(rows[-1])
+            ratios.append(max(r.rps for r in ours) / (ceil or max(mine.values())))
+            round_ratios.setdefault(label, []).append(
+                {"round": i, "ceiling": round(ceil or 0.0, 1), "http_best": round(max(r.rps for r in ours), 1)}
+            )
+            log(label, "round", i, "ceiling", ceil, "ratio", round(ratios[-1], 3))
+        ratio_median[label] = statistics.median(ratios)
+        best[label] = statistics.median(max(r.rps for r in ours) for _, ours in measured)
+        non_2xx_64[label] = sum(next(r.non_2xx for r in ours if r.clients == 64) for _, ours in measured)
     base: list[LoadResult] = []
     if not args.no_baseline:
-        base = measure_server([sys.executable, "benchmarks/baseline_fastapi_torch.py"], env, photos, args.seconds)
+        ((_, base),) = measure_server(
+            [sys.executable, "benchmarks/baseline_fastapi_torch.py"], env, photos, args.seconds
+        )
         rows += [row("FastAPI + PyTorch eager", r) for r in base]
     first = served[0][0]
     result = {
@@ -238,7 +290,8 @@ def main() -> None:
         "photos": len(photos),
         "ceiling_images_per_s": {lab: {k: round(v, 1) for k, v in c.items()} for lab, c in ceilings.items()},
         "rows": rows,
-        "http_over_ceiling": {lab: round(best[lab] / max(ceilings[lab].values()), 3) for lab in best},
+        "http_over_ceiling": {lab: round(v, 3) for lab, v in ratio_median.items()},
+        "rounds": round_ratios,
         "non_2xx_at_64": non_2xx_64,
         "over_baseline": round(best[first] / max(r.rps for r in base), 2) if base else None,
         "int8_over_fp32_http": round(best["int8"] / best["fp32"], 2) if "int8" in best else None,
@@ -250,13 +303,16 @@ def main() -> None:
         print(f"[{lab}] in-process ceiling (decode + ONNX Runtime, no HTTP): {max(c.values()):.1f} images/s")
         for k, v in c.items():
             print(f"  {k:42} {v:7.1f} images/s")
-    print(f"\n{'server':30} {'clients':>7} {'images/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'non-2xx':>8}")
-    for r in rows:
+    print(f"\n{'server':30} {'round':>5} {'clients':>7} {'images/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'non-2xx':>8}")
+    for rw in rows:
         print(
-            f"{r['server']:30} {r['clients']:>7} {r['images_per_s']:>9} {r['p50_ms']:>8} {r['p99_ms']:>8} {r['non_2xx']:>8}"
+            f"{rw['server']:30} {rw.get('round', ''):>5} {rw['clients']:>7} {rw['images_per_s']:>9} "
+            f"{rw['p50_ms']:>8} {rw['p99_ms']:>8} {rw['non_2xx']:>8}"
         )
     for lab, ratio in result["http_over_ceiling"].items():  # type: ignore[attr-defined]
-        print(f"\n[{lab}] HTTP best / in-process ceiling: {ratio:.2f} (target >= 0.85)")
+        per_round = ", ".join(f"{x['http_best']}/{x['ceiling']}" for x in round_ratios[lab])
+        print(f"\n[{lab}] rounds (HTTP best / paired ceiling, images/s): {per_round}")
+        print(f"[{lab}] HTTP best / in-process ceiling, median of rounds: {ratio:.2f} (target >= 0.85)")
         print(f"[{lab}] non-2xx at 64 clients: {non_2xx_64[lab]} (target 0)")
     if base:
         print(f"backbones best ({first}) / FastAPI + PyTorch best: {result['over_baseline']:.2f}x (target >= 3)")
