@@ -122,8 +122,9 @@ class Settings(BaseSettings):
     fuzz_examples: int = Field(
         default=0,
         ge=0,
-        description="Test suite only: examples per API operation in the schemathesis run "
-        "(tests/test_api_fuzz.py). 0 = the short run of `make test`; `make fuzz` sets 2000.",
+        description="Test suite only: examples per API operation (schemathesis, tests/test_api_fuzz.py) "
+        "and per decoding property (hypothesis, tests/test_fuzz_imaging.py). 0 = the short, "
+        "derandomized run of `make test`; `make fuzz` sets 2000.",
     )
     # -- artifact safety (models/preflight.py) --------------------------------------------------
     preflight_timeout_seconds: float = Field(
