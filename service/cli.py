@@ -293,6 +293,10 @@ def export_cmd(
     compared with their FP32 parent instead (top-1 agreement >= --min-agreement, logit error and
     feature cosine recorded in the spec). On failure nothing is registered.
     """
+    if as_name is not None:  # before any work; an empty name never falls back to the default
+        from models.registry import validate_name
+
+        validate_name(as_name)
     if quantize and precision != "fp32":
         raise click.UsageError(
             "--quantize int8 and --precision fp16 are two different versions: make them one at a time"

@@ -245,6 +245,12 @@ def test_cli_conversion_mistakes_are_one_line(run_cli, tmp_path: Path) -> None: 
     proc = run_cli("export", "tiny_cnn", "--quantize", "int8", "--calibration", str(tmp_path))
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert "needs at least 10 readable photos, got 0" in proc.stderr
+    # a new name is checked before any work: empty or escaping names never fall back to a default
+    for bad in ("", "../x", " "):
+        proc = run_cli("export", "tiny_cnn", "--as", bad, "--precision", "fp16")
+        assert proc.returncode == 1 and "error: invalid model name" in proc.stderr, (bad, proc.stderr)
+        assert "converting" not in proc.stderr and "Traceback" not in proc.stderr
+    assert run_cli("models", "list", "--json").stdout.count("tiny_cnn_fp16") == 0
 
 
 # -- EfficientNet-Lite0 on real photos ----------------------------------------------------------
