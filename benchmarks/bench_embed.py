@@ -136,7 +136,7 @@ def ceiling_configs(cores: int) -> list[tuple[int, int, int]]:
 
 def bench_ceiling(paths: Sequence[str], model_file: Path, loader: Any, batch: int, cores: int) -> dict[str, float]:
     from models import OnnxSession, Settings
-    from service.embed_local import MICRO_BATCH
+    from service.embed_local import MICRO_BATCH, ConcurrentRunner
 
     rates = {}
     sessions: dict[int, Any] = {}
@@ -148,24 +148,13 @@ def bench_ceiling(paths: Sequence[str], model_file: Path, loader: Any, batch: in
         if runners == 1:
             rates[f"{how}, ORT {threads} thread(s)"] = _run_ceiling(paths, loader, session, batch, decode_threads)
             continue
-        with ThreadPoolExecutor(runners) as pool:
-            label = f"{how}, {runners} ORT calls at once of {MICRO_BATCH} images, {threads} thread each"
-            rates[label] = _run_ceiling(paths, loader, _SplitRun(session, pool), batch, decode_threads)
+        label = f"{how}, {runners} ORT calls at once of {MICRO_BATCH} images, {threads} thread each"
+        runner = ConcurrentRunner(session.run, runners)  # what the local engine runs
+        try:
+            rates[label] = _run_ceiling(paths, loader, runner, batch, decode_threads)
+        finally:
+            runner.close()
     return rates
-
-
-class _SplitRun:
-    """A batch run as micro-batches of ``MICRO_BATCH`` images, as many calls at once as ``pool`` has threads."""
-
-    def __init__(self, session: Any, pool: ThreadPoolExecutor) -> None:
-        self.session, self.pool = session, pool
-
-    def run(self, x: Any) -> None:
-        import numpy as np
-
-        from service.embed_local import MICRO_BATCH
-
-        list(self.pool.map(self.session.run, np.split(x, range(MICRO_BATCH, len(x), MICRO_BATCH))))
 
 
 # -- 2. and 3. the engines ---------------------------------------------------------------------------
