@@ -1,8 +1,9 @@
 """A straightforward FastAPI + PyTorch eager server, as the serving benchmark's baseline.
 
 What a team would write first: one uvicorn worker, decode + torchvision transforms + model call
-per request (batch 1), in FastAPI's thread pool. Same model (the bundled EfficientNet-Lite0) and
-same preprocessing as backbones. Run: python benchmarks/baseline_fastapi_torch.py --port 3001
+per request (batch 1), in FastAPI's thread pool, on the GPU when PyTorch sees one. Same model (the
+bundled EfficientNet-Lite0) and same preprocessing as backbones.
+Run: python benchmarks/baseline_fastapi_torch.py --port 3001
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ from models.weights import build_pretrained
 
 def create_app() -> FastAPI:
     entry = get_entry("efficientnet_lite0")
-    net = build_pretrained(entry)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    net = build_pretrained(entry).to(device)
     labels = entry.labels()
     pre = entry.preprocess
     transform = transforms.Compose(
@@ -43,8 +45,8 @@ def create_app() -> FastAPI:
     def classify(image: UploadFile = File(...)) -> dict[str, object]:  # noqa: B008 - FastAPI's idiom
         img = Image.open(io.BytesIO(image.file.read())).convert("RGB")
         with torch.inference_mode():
-            logits, _ = net(transform(img).unsqueeze(0))
-        probs = logits.softmax(-1)[0]
+            logits, _ = net(transform(img).unsqueeze(0).to(device))
+        probs = logits.softmax(-1)[0].cpu()
         top = probs.topk(5)
         return {
             "predictions": [

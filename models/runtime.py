@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import io
 import logging
 import os
 from collections.abc import Sequence
@@ -30,11 +32,72 @@ ProviderSpec = tuple[str, dict[str, str]]
 def gpu_driver_present() -> bool:
     """An NVIDIA driver is loadable. onnxruntime-gpu lists CUDA/TensorRT as available even on
     machines without one, so availability alone is not enough to choose them."""
+    return _loads("libcuda.so.1")
+
+
+# TensorRT 10 is what the TensorRT provider of onnxruntime-gpu 1.2x/1.3x links against.
+TRT_LIBRARIES = ("libnvinfer.so.10", "libnvonnxparser.so.10")
+
+
+def _loads(library: str) -> bool:
     try:
-        ctypes.CDLL("libcuda.so.1")
+        ctypes.CDLL(library)
     except OSError:
         return False
     return True
+
+
+def _cuda_libraries() -> tuple[str, ...]:
+    """The CUDA and cuDNN libraries onnxruntime-gpu's CUDA provider needs, for the CUDA major
+    version it was built with."""
+    try:
+        from onnxruntime.capi.build_and_package_info import cuda_version
+    except ImportError:  # a CPU-only onnxruntime
+        return ()
+    major = str(cuda_version or "").split(".")[0]
+    if not major.isdigit():
+        return ()
+    return (f"libcudart.so.{major}", f"libcublasLt.so.{major}", f"libcublas.so.{major}", "libcudnn.so.9")
+
+
+@cache
+def provider_problems() -> dict[str, str]:
+    """Why each GPU provider this onnxruntime lists cannot run here (absent: it can).
+
+    onnxruntime-gpu lists CUDA and TensorRT wherever it is installed. Without an NVIDIA driver, the
+    CUDA/cuDNN libraries of its CUDA version, or (TensorRT) libnvinfer, a session asked for them
+    falls back with a page of text on stdout, or fails. The CUDA and cuDNN libraries of the
+    nvidia-* wheels that PyTorch installs are loaded first (``onnxruntime.preload_dlls``)."""
+    listed = [p for p in (TRT, CUDA) if p in ort.get_available_providers()]
+    if not listed:
+        return {}
+    if not gpu_driver_present():
+        return dict.fromkeys(listed, "no NVIDIA driver was found")
+    if hasattr(ort, "preload_dlls"):
+        printed = io.StringIO()
+        with contextlib.redirect_stdout(printed):  # it prints what it could not load
+            ort.preload_dlls()
+        if printed.getvalue().strip():
+            log.debug("onnxruntime.preload_dlls: %s", printed.getvalue().strip())
+    cuda_libs = _cuda_libraries()
+    missing_cuda = [lib for lib in cuda_libs if not _loads(lib)] if cuda_libs else ["a CUDA build of onnxruntime"]
+    problems: dict[str, str] = {}
+    if missing_cuda:
+        problems[CUDA] = f"{', '.join(missing_cuda)} could not be loaded"
+    if TRT in listed:
+        missing = missing_cuda + [lib for lib in TRT_LIBRARIES if not _loads(lib)]
+        if missing:
+            problems[TRT] = f"{', '.join(missing)} could not be loaded"
+    for name, why in problems.items():
+        if name in listed:
+            log.warning("%s is installed but cannot run here: %s", name, why)
+    return {name: why for name, why in problems.items() if name in listed}
+
+
+def usable_providers() -> list[str]:
+    """The providers this onnxruntime lists that can run on this machine, in its order."""
+    problems = provider_problems()
+    return [p for p in ort.get_available_providers() if p not in problems]
 
 
 def available_cores() -> int:
@@ -44,12 +107,11 @@ def available_cores() -> int:
         return os.cpu_count() or 1
 
 
-def on_gpu(settings: Settings) -> bool:
+def on_gpu(settings: Settings | None = None) -> bool:
     """Whether sessions made with these settings will run on an NVIDIA GPU."""
-    if settings.providers == "cpu":
+    if (settings or get_settings()).providers == "cpu":
         return False
-    available = ort.get_available_providers()
-    return gpu_driver_present() and any(p in available for p in (TRT, CUDA))
+    return any(p in usable_providers() for p in (TRT, CUDA))
 
 
 @dataclass(frozen=True)
@@ -70,10 +132,13 @@ def serving_plan(settings: Settings) -> ServingPlan:
     a time beside one decode thread. On the 2-core development machine this served 65-73 images/s
     over HTTP against 52 for one process with two runners and 47 for one process with one call on
     both cores: in one process, HTTP parsing, decoding and the batcher share one interpreter lock
-    (docs/benchmarks.md). On a GPU: one worker, one call at a time, batches as large as measured best."""
+    (docs/benchmarks.md). With a GPU, decoding and HTTP are the work left to the cores: one worker per
+    two cores (at most 8), each with its own session on the GPU, one call at a time and two decode
+    threads; one worker on a 16-core H200 machine served a tenth of what the cores could decode
+    (docs/benchmarks.md)."""
     cores = available_cores()
     gpu = on_gpu(settings)
-    workers = settings.workers or (1 if gpu else cores)
+    workers = settings.workers or (min(8, max(1, cores // 2)) if gpu else cores)
     per_worker = max(1, cores // workers)
     runners = settings.runners or (1 if gpu else per_worker)
     threads = settings.intra_op_threads or max(1, per_worker // runners)
@@ -87,14 +152,17 @@ def select_providers(
     *,
     gpu: bool,
     trt_fp16: bool = True,
+    cuda_tf32: bool = True,
     trt_cache_dir: Path | None = None,
     trt_profile: tuple[int, int, int] | None = None,
     input_shape: Sequence[int] | None = None,
+    problems: dict[str, str] | None = None,
 ) -> list[ProviderSpec]:
     """Providers in priority order with their options.
 
     ``auto``: TensorRT, then CUDA, then CPU, as far as each is installed and a GPU is present.
-    An explicit ``cuda`` or ``tensorrt`` that cannot be honoured is an error, not a silent fallback.
+    An explicit ``cuda`` or ``tensorrt`` that cannot be honoured is an error, not a silent fallback
+    (``problems``: why a provider missing from ``available`` cannot run, for that error).
     TensorRT: FP16 kernels when ``trt_fp16``; engine and timing caches in ``trt_cache_dir`` (an
     engine build takes minutes, a cached one loads in seconds); with ``trt_profile`` (min, opt, max
     batch) and ``input_shape`` (C, H, W) one engine covers every batch in that range instead of one
@@ -112,7 +180,11 @@ def select_providers(
     if choice in ("cuda", "tensorrt"):
         wanted = TRT if choice == "tensorrt" else CUDA
         if wanted not in available or not gpu:
-            why = "no NVIDIA driver was found" if not gpu else f"this onnxruntime has no {wanted}"
+            why = (
+                "no NVIDIA driver was found"
+                if not gpu
+                else (problems or {}).get(wanted) or f"this onnxruntime has no {wanted}"
+            )
             raise RuntimeError(f"providers={choice} was asked for, but {why}; use providers=auto or cpu")
     specs: list[ProviderSpec] = []
     for name in chain:
@@ -131,7 +203,9 @@ def select_providers(
                 for key, batch in zip(("min", "opt", "max"), trt_profile, strict=True):
                     opts[f"trt_profile_{key}_shapes"] = f"{INPUT_NAME}:{batch}x{chw}"
         elif name == CUDA:
-            opts = {"device_id": "0", "cudnn_conv_algo_search": "EXHAUSTIVE"}
+            # EXHAUSTIVE times every cuDNN algorithm once per input shape (about 1 s on an H200):
+            # OnnxSession pads batches to a few shapes and warms them, so that cost is paid at load
+            opts = {"device_id": "0", "cudnn_conv_algo_search": "EXHAUSTIVE", "use_tf32": "1" if cuda_tf32 else "0"}
         specs.append((name, opts))
     return specs
 
@@ -167,7 +241,9 @@ class OnnxSession:
             # idle ORT threads would busy-wait for the next op, taking the core from decoding
             opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         opts.log_severity_level = 3
-        available = ort.get_available_providers()
+        # onnxruntime's process-wide logger warns about each plugin device it does not find
+        ort.set_default_logger_severity(3)
+        available = usable_providers()
         gpu = gpu_driver_present()
         trt_cache = trt_cache_dir(settings) if gpu and TRT in available and settings.providers != "cpu" else None
         providers = select_providers(
@@ -175,9 +251,11 @@ class OnnxSession:
             available,
             gpu=gpu,
             trt_fp16=settings.trt_fp16,
+            cuda_tf32=settings.cuda_tf32,
             trt_cache_dir=trt_cache,
             trt_profile=settings.trt_profile(),
             input_shape=_static_chw(path) if trt_cache is not None else None,
+            problems=provider_problems(),
         )
         if trt_cache is not None:
             trt_cache.mkdir(parents=True, exist_ok=True)
@@ -198,6 +276,9 @@ class OnnxSession:
         # a TensorRT engine built for a batch range takes nothing larger: bigger batches go in chunks
         profile = settings.trt_profile() if self.providers[0] == TRT else None
         self.max_batch: int | None = profile[2] if profile else None
+        # cuDNN picks its algorithms once per input shape, slowly: on CUDA every batch is padded to
+        # the next power of two, so a server meets ~7 shapes (warmed at load) instead of every size
+        self.pad_batches = self.providers[0] == CUDA
         if warmup_batch:
             self.warmup(warmup_batch)
 
@@ -206,12 +287,29 @@ class OnnxSession:
         shape = [batch] + [int(d) for d in self.input_shape[1:]]
         self.run(np.zeros(shape, dtype=np.float32))
 
+    def warmup_batches(self, largest: int) -> list[int]:
+        """Run every batch shape that batches of 1..``largest`` images run as (the powers of two
+        up to it, where batches are padded), so none pays for its first call while serving."""
+        sizes = batch_shapes(largest) if self.pad_batches else [1, largest]
+        for size in sorted(set(sizes)):
+            self.warmup(size)
+        return sizes
+
     def run(self, batch: np.ndarray) -> Outputs:
         if self.max_batch is not None and len(batch) > self.max_batch:
             parts = [self.run(batch[i : i + self.max_batch]) for i in range(0, len(batch), self.max_batch)]
             return Outputs(
                 logits=np.concatenate([p.logits for p in parts]), features=np.concatenate([p.features for p in parts])
             )
+        n = len(batch)
+        if self.pad_batches and n & (n - 1):
+            padded = np.zeros((padded_size(n), *batch.shape[1:]), dtype=np.float32)
+            padded[:n] = batch
+            out = self._run(padded)
+            return Outputs(logits=out.logits[:n], features=out.features[:n])
+        return self._run(batch)
+
+    def _run(self, batch: np.ndarray) -> Outputs:
         array = np.ascontiguousarray(batch, dtype=np.float32)
         if self.io_binding:
             # The input is copied to the device once and the outputs are left where the provider
@@ -225,6 +323,17 @@ class OnnxSession:
         else:
             logits, features = self.session.run(list(OUTPUT_NAMES), {INPUT_NAME: array})
         return Outputs(logits=logits, features=features)
+
+
+def padded_size(n: int) -> int:
+    """The batch size a batch of ``n`` runs as where batches are padded: the next power of two."""
+    return 1 << max(0, n - 1).bit_length()
+
+
+def batch_shapes(largest: int) -> list[int]:
+    """The padded batch sizes that batches of 1..``largest`` images run as: 1, 2, 4 .. and the
+    power of two at or above ``largest``."""
+    return [1 << i for i in range(padded_size(largest).bit_length())]
 
 
 def trt_cache_dir(settings: Settings) -> Path:

@@ -41,6 +41,12 @@ class Settings(BaseSettings):
         description="Let idle ONNX Runtime threads busy-wait for work. Off: measured faster wherever "
         "decoding shares the cores with inference.",
     )
+    cuda_tf32: bool = Field(
+        default=True,
+        description="CUDA: let FP32 models use TF32 tensor cores for convolutions and matrix products "
+        "(PyTorch's default for convolutions; same top-1, logits within ~1e-2). Off: full FP32 "
+        "arithmetic, matching the CPU to ~1e-4, slower.",
+    )
     trt_fp16: bool = Field(default=True, description="Let TensorRT build FP16 engines.")
     trt_cache_dir: Path | None = Field(
         default=None,
@@ -65,7 +71,12 @@ class Settings(BaseSettings):
         "GPU larger). Requests that queue while every runner is busy form the next batch; there is "
         "no waiting window, so a lone request runs at once.",
     )
-    workers: int = Field(default=0, ge=0, description="Server worker processes. 0 = one per core on a CPU, 1 on a GPU.")
+    workers: int = Field(
+        default=0,
+        ge=0,
+        description="Server worker processes. 0 = one per core on a CPU; with a GPU, one per two "
+        "cores (at most 8), each with its own session on the GPU.",
+    )
     runners: int = Field(
         default=0,
         ge=0,

@@ -27,7 +27,7 @@ import numpy as np
 
 from models import InferenceModel
 from models.errors import BackbonesError
-from models.runtime import Outputs, available_cores, gpu_driver_present
+from models.runtime import Outputs, available_cores, on_gpu
 
 from . import embed_output as out_
 from .embed import DEFAULT_BATCH_SIZE, EmbedJob, EngineStats, Shard
@@ -49,7 +49,7 @@ def default_workers(cores: int | None = None) -> int:
     process and two ORT threads did as well as any mix on 2 cores, docs/benchmarks.md); every
     core with a GPU, where decoding is the bottleneck."""
     cores = cores or available_cores()
-    return cores if gpu_driver_present() else max(1, cores // 2)
+    return cores if on_gpu() else max(1, cores // 2)
 
 
 def default_runners(threads: int | None, cores: int | None = None) -> int:
@@ -58,7 +58,7 @@ def default_runners(threads: int | None, cores: int | None = None) -> int:
     batch-32 call on two threads (docs/benchmarks.md): small calls keep both cores busy, where one
     call's threads wait for each other between layers. One call with a GPU or when ``--threads``
     is given."""
-    if threads is not None or gpu_driver_present():
+    if threads is not None or on_gpu():
         return 1
     return cores or available_cores()
 

@@ -142,6 +142,8 @@ class ModelPool:
         batch_size, rates = self.settings.max_batch_size, dict[int, float]()
         if not batch_size:
             batch_size, rates = calibrate_batch_size(model.run, model.session.input_shape[1:])
+        if model.session.pad_batches:  # every padded shape is warm before the first request
+            model.session.warmup_batches(batch_size)
         log.warning(
             "%s: %d runner(s) x %d thread(s), batches of up to %d%s",
             model.tag,

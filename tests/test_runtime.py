@@ -7,8 +7,23 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
+from models import runtime
 from models.inference import InferenceModel, softmax, top_k
-from models.runtime import CPU, CUDA, TRT, OnnxSession, gpu_driver_present, select_providers, trt_cache_dir
+from models.runtime import (
+    CPU,
+    CUDA,
+    TRT,
+    OnnxSession,
+    Outputs,
+    batch_shapes,
+    gpu_driver_present,
+    padded_size,
+    provider_problems,
+    select_providers,
+    serving_plan,
+    trt_cache_dir,
+    usable_providers,
+)
 from models.settings import Settings
 
 ALL = [TRT, CUDA, CPU]
@@ -33,6 +48,39 @@ def test_an_explicit_gpu_choice_that_cannot_be_honoured_says_why() -> None:
         select_providers("cuda", ALL, gpu=False)
     with pytest.raises(RuntimeError, match="has no TensorrtExecutionProvider"):
         select_providers("tensorrt", [CUDA, CPU], gpu=True)
+
+
+def test_an_explicit_gpu_choice_names_the_library_that_does_not_load() -> None:
+    problems = {TRT: "libnvinfer.so.10 could not be loaded"}
+    with pytest.raises(RuntimeError, match=r"providers=tensorrt .* libnvinfer\.so\.10 could not be loaded"):
+        select_providers("tensorrt", [CUDA, CPU], gpu=True, problems=problems)
+    # auto simply leaves it out
+    assert [p for p, _ in select_providers("auto", [CUDA, CPU], gpu=True, problems=problems)] == [CUDA, CPU]
+
+
+def test_gpu_providers_that_cannot_run_are_not_offered(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """onnxruntime-gpu lists CUDA and TensorRT wherever it is installed; only the ones whose driver
+    and libraries load here are usable (checked with the real library loader)."""
+    import onnxruntime as ort
+
+    listed = ort.get_available_providers()
+    problems = provider_problems()
+    assert set(usable_providers()) == set(listed) - set(problems)
+    assert CPU in usable_providers()
+    if not gpu_driver_present():
+        assert all(why == "no NVIDIA driver was found" for why in problems.values())
+        assert not {TRT, CUDA} & set(usable_providers())
+    # a library that is not on this machine is reported by name
+    assert not runtime._loads("libbackbones-nonexistent.so.1")
+    monkeypatch.setattr(runtime, "TRT_LIBRARIES", ("libbackbones-nonexistent.so.1",))
+    monkeypatch.setattr(runtime, "gpu_driver_present", lambda: True)
+    monkeypatch.setattr(ort, "preload_dlls", lambda: None, raising=False)
+    provider_problems.cache_clear()
+    try:
+        if TRT in listed:
+            assert "libbackbones-nonexistent.so.1" in runtime.provider_problems()[TRT]
+    finally:
+        provider_problems.cache_clear()
 
 
 def test_session_runs_on_cpu_here(tiny_version) -> None:  # type: ignore[no-untyped-def]
@@ -135,3 +183,50 @@ def test_a_session_with_a_batch_limit_runs_larger_batches_in_chunks(tiny_version
     chunked = session.run(batch)
     np.testing.assert_allclose(chunked.logits, whole.logits, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(chunked.features, whole.features, rtol=1e-5, atol=1e-6)
+
+
+def test_cuda_options_carry_the_tf32_choice() -> None:
+    assert dict(select_providers("cuda", ALL, gpu=True))[CUDA]["use_tf32"] == "1"
+    assert dict(select_providers("cuda", ALL, gpu=True, cuda_tf32=False))[CUDA]["use_tf32"] == "0"
+    assert dict(select_providers("auto", ALL, gpu=True, cuda_tf32=False))[CUDA]["use_tf32"] == "0"
+
+
+def test_batches_pad_to_powers_of_two() -> None:
+    assert [padded_size(n) for n in (1, 2, 3, 5, 8, 9, 32, 33)] == [1, 2, 4, 8, 8, 16, 32, 64]
+    assert batch_shapes(1) == [1] and batch_shapes(32) == [1, 2, 4, 8, 16, 32]
+    assert batch_shapes(24) == [1, 2, 4, 8, 16, 32]  # 17..24 run as 32
+
+
+def test_a_padding_session_returns_exactly_the_rows_it_was_given(tiny_version) -> None:  # type: ignore[no-untyped-def]
+    """The padding CUDA sessions do, exercised on the CPU provider: 5 rows run as 8, 5 come back,
+    each equal to its row run alone."""
+    session = OnnxSession(tiny_version.file("model.onnx"), settings=Settings(providers="cpu"), threads=1)
+    assert not session.pad_batches  # only CUDA pads
+    session.pad_batches = True
+    batch = np.random.default_rng(2).standard_normal((5, *session.input_shape[1:])).astype(np.float32)
+    seen: list[int] = []
+    plain_run = session._run
+
+    def counting_run(b: np.ndarray) -> Outputs:
+        seen.append(len(b))
+        return plain_run(b)
+
+    session._run = counting_run  # type: ignore[method-assign]
+    out = session.run(batch)
+    assert seen == [8] and out.logits.shape == (5, 10) and out.features.shape[0] == 5
+    alone = np.concatenate([plain_run(batch[i : i + 1]).logits for i in range(5)])
+    np.testing.assert_allclose(out.logits, alone, rtol=1e-5, atol=1e-5)
+    assert session.warmup_batches(5) == [1, 2, 4, 8] and seen[-4:] == [1, 2, 4, 8]
+
+
+def test_serving_plan_on_cpu_and_gpu(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.setattr(runtime, "available_cores", lambda: 16)
+    monkeypatch.setattr(runtime, "on_gpu", lambda settings=None: False)
+    cpu = serving_plan(Settings())
+    assert (cpu.workers, cpu.runners, cpu.intra_op_threads, cpu.decode_threads) == (16, 1, 1, 1)
+    monkeypatch.setattr(runtime, "on_gpu", lambda settings=None: True)
+    gpu = serving_plan(Settings())
+    assert (gpu.workers, gpu.runners, gpu.decode_threads) == (8, 1, 2)
+    assert serving_plan(Settings(workers=3)).workers == 3
+    monkeypatch.setattr(runtime, "available_cores", lambda: 2)
+    assert serving_plan(Settings()).workers == 1

@@ -17,6 +17,7 @@ from PIL import Image
 
 from models import InferenceModel, Registry
 from models.export import export_catalog
+from models.runtime import CPU, usable_providers
 from models.samples import synthetic_image
 
 from .conftest import jpeg_bytes, shared_data
@@ -47,7 +48,12 @@ def test_probes_and_models(server: Server) -> None:
     by_name = {m["name"]: m for m in doc["models"]}
     tiny = by_name["tiny_cnn"]
     assert tiny["tag"] == f"tiny_cnn:{tiny['version']}" and tiny["aliases"]["production"] == tiny["version"]
-    assert tiny["spec"]["preprocess"]["crop"] == 64 and tiny["providers"] == ["CPUExecutionProvider"]
+    # CPU here; the GPU provider first where one can run (a GPU machine)
+    gpu_first = [p for p in ("TensorrtExecutionProvider", "CUDAExecutionProvider") if p in usable_providers()][:1]
+    assert (
+        tiny["spec"]["preprocess"]["crop"] == 64 and tiny["providers"][0] == (gpu_first or ["CPUExecutionProvider"])[0]
+    )
+    assert tiny["providers"][-1] == CPU
     assert by_name["efficientnet_lite0"]["spec"]["feature_dim"] == 1280
     openapi = httpx.get(server.url + "/docs.json").json()
     assert {"/classify", "/embed", "/models", "/readyz", "/livez", "/metrics"} <= set(openapi["paths"])
