@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import io
 import logging
 import os
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cache
@@ -132,13 +134,13 @@ def serving_plan(settings: Settings) -> ServingPlan:
     a time beside one decode thread. On the 2-core development machine this served 65-73 images/s
     over HTTP against 52 for one process with two runners and 47 for one process with one call on
     both cores: in one process, HTTP parsing, decoding and the batcher share one interpreter lock
-    (docs/benchmarks.md). With a GPU, decoding and HTTP are the work left to the cores: one worker per
-    two cores (at most 8), each with its own session on the GPU, one call at a time and two decode
-    threads; one worker on a 16-core H200 machine served a tenth of what the cores could decode
-    (docs/benchmarks.md)."""
+    (docs/benchmarks.md). With a GPU the cores are left with HTTP and decoding, the same work per
+    process: one worker per core there too (at most 16, each holding a CUDA context), each with
+    its own sessions on the GPU and one call at a time. On a 16-core H200 machine, 16 workers
+    served 579 images/s at 64 clients, 8 workers 95 and one worker 66 (docs/benchmarks.md)."""
     cores = available_cores()
     gpu = on_gpu(settings)
-    workers = settings.workers or (min(8, max(1, cores // 2)) if gpu else cores)
+    workers = settings.workers or (min(16, cores) if gpu else cores)
     per_worker = max(1, cores // workers)
     runners = settings.runners or (1 if gpu else per_worker)
     threads = settings.intra_op_threads or max(1, per_worker // runners)
@@ -260,7 +262,8 @@ class OnnxSession:
         if trt_cache is not None:
             trt_cache.mkdir(parents=True, exist_ok=True)
         self.path = Path(path)
-        self.session = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
+        self._new_session = functools.partial(ort.InferenceSession, str(path), sess_options=opts, providers=providers)
+        self.session = self._new_session()
         self.providers: list[str] = self.session.get_providers()
         on_device = self.providers[0] in (TRT, CUDA)
         self.io_binding = (on_device and settings.io_binding) if io_binding is None else io_binding
@@ -276,9 +279,14 @@ class OnnxSession:
         # a TensorRT engine built for a batch range takes nothing larger: bigger batches go in chunks
         profile = settings.trt_profile() if self.providers[0] == TRT else None
         self.max_batch: int | None = profile[2] if profile else None
-        # cuDNN picks its algorithms once per input shape, slowly: on CUDA every batch is padded to
-        # the next power of two, so a server meets ~7 shapes (warmed at load) instead of every size
+        # ONNX Runtime's CUDA convolutions (the cuDNN frontend) rebuild their execution plans each
+        # time a call's input shape differs from the previous call's: about 0.8 s for
+        # EfficientNet-Lite0 on an H200, so a server alternating batch sizes on one session paid it
+        # on nearly every batch (9 images/s at 16 clients). On CUDA, batches are padded to the next
+        # power of two and each of those sizes runs on a session of its own, whose plans stay built.
         self.pad_batches = self.providers[0] == CUDA
+        self._by_size: dict[int, ort.InferenceSession] = {}
+        self._sizes_lock = threading.Lock()
         if warmup_batch:
             self.warmup(warmup_batch)
 
@@ -288,8 +296,9 @@ class OnnxSession:
         self.run(np.zeros(shape, dtype=np.float32))
 
     def warmup_batches(self, largest: int) -> list[int]:
-        """Run every batch shape that batches of 1..``largest`` images run as (the powers of two
-        up to it, where batches are padded), so none pays for its first call while serving."""
+        """Run every batch shape that batches of 1..``largest`` images run as (where batches are
+        padded: the powers of two up to it, each on its own session, made now), so none pays for
+        its first call while serving."""
         sizes = batch_shapes(largest) if self.pad_batches else [1, largest]
         for size in sorted(set(sizes)):
             self.warmup(size)
@@ -309,19 +318,40 @@ class OnnxSession:
             return Outputs(logits=out.logits[:n], features=out.features[:n])
         return self._run(batch)
 
+    def session_for(self, size: int) -> ort.InferenceSession:
+        """The session that runs batches of ``size``: one per size where batches are padded (the
+        first size asked for takes the session made at start), else the one session."""
+        if not self.pad_batches:
+            return self.session
+        found = self._by_size.get(size)
+        if found is None:
+            with self._sizes_lock:
+                found = self._by_size.get(size)
+                if found is None:
+                    found = self._new_session() if self._by_size else self.session
+                    self._by_size[size] = found
+                    log.debug("%s: a session for batches of %d", self.path, size)
+        return found
+
+    @property
+    def batch_sessions(self) -> list[int]:
+        """The batch sizes that have a session of their own (where batches are padded)."""
+        return sorted(self._by_size)
+
     def _run(self, batch: np.ndarray) -> Outputs:
         array = np.ascontiguousarray(batch, dtype=np.float32)
+        session = self.session_for(len(array))
         if self.io_binding:
             # The input is copied to the device once and the outputs are left where the provider
             # made them until both are copied back together: no per-output staging by run().
-            binding = self.session.io_binding()
+            binding = session.io_binding()
             binding.bind_cpu_input(INPUT_NAME, array)
             for name in OUTPUT_NAMES:
                 binding.bind_output(name, self._device)
-            self.session.run_with_iobinding(binding)
+            session.run_with_iobinding(binding)
             logits, features = binding.copy_outputs_to_cpu()
         else:
-            logits, features = self.session.run(list(OUTPUT_NAMES), {INPUT_NAME: array})
+            logits, features = session.run(list(OUTPUT_NAMES), {INPUT_NAME: array})
         return Outputs(logits=logits, features=features)
 
 

@@ -74,8 +74,8 @@ class Settings(BaseSettings):
     workers: int = Field(
         default=0,
         ge=0,
-        description="Server worker processes. 0 = one per core on a CPU; with a GPU, one per two "
-        "cores (at most 8), each with its own session on the GPU.",
+        description="Server worker processes. 0 = one per core (with a GPU at most 16, each with its "
+        "own sessions on the GPU).",
     )
     runners: int = Field(
         default=0,

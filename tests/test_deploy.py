@@ -172,8 +172,9 @@ def test_overlays_size_the_pod_the_way_the_settings_read_it() -> None:
     spec = gpu["spec"]["template"]["spec"]
     assert any(t["key"] == "nvidia.com/gpu" for t in spec["tolerations"]) and spec["nodeSelector"]
     settings = _settings_from(env_of(gpu))
-    assert settings.providers == "auto" and settings.workers == 1
-    assert settings.decode_threads == int(res["requests"]["cpu"])
+    # one worker process per requested core, as with a GPU on a whole machine (models/runtime.py)
+    assert settings.providers == "auto" and settings.workers == int(res["requests"]["cpu"])
+    assert settings.decode_threads == 1
     assert gpu_objs["HorizontalPodAutoscaler/backbones"]["spec"]["maxReplicas"] <= 4
     for overlay, objs in (("cpu", render("cpu")), ("gpu", gpu_objs)):
         kinds = {k.split("/")[0] for k in objs}

@@ -217,6 +217,10 @@ def test_a_padding_session_returns_exactly_the_rows_it_was_given(tiny_version) -
     alone = np.concatenate([plain_run(batch[i : i + 1]).logits for i in range(5)])
     np.testing.assert_allclose(out.logits, alone, rtol=1e-5, atol=1e-5)
     assert session.warmup_batches(5) == [1, 2, 4, 8] and seen[-4:] == [1, 2, 4, 8]
+    # each padded size runs on a session of its own (a shape change rebuilds CUDA's conv plans)
+    assert session.batch_sessions == [1, 2, 4, 8]
+    assert len({id(session.session_for(n)) for n in (1, 2, 4, 8)}) == 4
+    assert session.session_for(8) is session.session  # the first size asked for (here 8) takes the first session
 
 
 def test_serving_plan_on_cpu_and_gpu(monkeypatch) -> None:  # type: ignore[no-untyped-def]
@@ -226,7 +230,9 @@ def test_serving_plan_on_cpu_and_gpu(monkeypatch) -> None:  # type: ignore[no-un
     assert (cpu.workers, cpu.runners, cpu.intra_op_threads, cpu.decode_threads) == (16, 1, 1, 1)
     monkeypatch.setattr(runtime, "on_gpu", lambda settings=None: True)
     gpu = serving_plan(Settings())
-    assert (gpu.workers, gpu.runners, gpu.decode_threads) == (8, 1, 2)
-    assert serving_plan(Settings(workers=3)).workers == 3
-    monkeypatch.setattr(runtime, "available_cores", lambda: 2)
-    assert serving_plan(Settings()).workers == 1
+    assert (gpu.workers, gpu.runners, gpu.decode_threads) == (16, 1, 1)
+    assert serving_plan(Settings(workers=4)).decode_threads == 4
+    monkeypatch.setattr(runtime, "available_cores", lambda: 64)
+    assert serving_plan(Settings()).workers == 16  # CUDA contexts are not free
+    monkeypatch.setattr(runtime, "on_gpu", lambda settings=None: False)
+    assert serving_plan(Settings()).workers == 64
