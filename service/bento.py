@@ -18,7 +18,7 @@ from typing import Any
 
 import bentoml
 
-from models import get_settings
+from models import Settings, get_settings
 from models.runtime import serving_plan
 
 from .drain import Drain, ReadinessMiddleware
@@ -27,6 +27,17 @@ from .openapi import OpenAPIMiddleware
 from .pool import ModelPool
 
 log = logging.getLogger(__name__)
+
+# the routes that carry images: skipped by BentoML's tracing middleware unless asked for
+IMAGE_ROUTES = ("/classify", "/embed")
+
+
+def tracing_config(settings: Settings) -> dict[str, Any]:
+    """BentoML's per-service tracing settings: the image routes left out unless ``trace_requests``."""
+    if settings.trace_requests:
+        return {}
+    return {"excluded_urls": [rf"{route}(\?|$)" for route in IMAGE_ROUTES]}
+
 
 _settings = get_settings()
 _pool = ModelPool(_settings.served_refs(), settings=_settings)
@@ -40,6 +51,7 @@ app = create_app(_pool)
     traffic={"timeout": _settings.request_timeout_seconds},
     metrics={"enabled": True, "namespace": "bentoml_service"},
     logging={"access": {"enabled": _settings.access_log}},
+    tracing=tracing_config(_settings),
 )
 @bentoml.asgi_app(app, path="/")
 class Backbones:
