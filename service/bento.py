@@ -22,7 +22,7 @@ from models import Settings, get_settings
 from models.runtime import serving_plan
 
 from .drain import Drain, ReadinessMiddleware
-from .http import create_app
+from .http import ImageRoutes, create_app
 from .openapi import OpenAPIMiddleware
 from .pool import ModelPool
 
@@ -75,3 +75,4 @@ class Backbones:
 _service: Any = Backbones
 _service.add_asgi_middleware(ReadinessMiddleware, pool=_pool, drain=_drain)
 _service.add_asgi_middleware(OpenAPIMiddleware, document=lambda: _service.openapi_spec.asdict())
+_service.add_asgi_middleware(ImageRoutes, fastapi_app=app)

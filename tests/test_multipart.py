@@ -1,0 +1,198 @@
+"""The plain multipart/form-data reader (service/multipart.py) against Starlette's parser, and the
+ASGI path that serves the image routes with it (service/http.py ``ImageRoutes``)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from starlette.datastructures import UploadFile
+from starlette.requests import Request
+
+from models import Registry, Settings
+from service.http import ImageRoutes, create_app
+from service.multipart import MAX_FIELDS, MAX_FILES, Part, boundary_of, read_plain_form
+from service.pool import ModelPool
+
+from .conftest import jpeg_bytes
+
+BOUNDARY = "b0undary-x1"
+CTYPE = f"multipart/form-data; boundary={BOUNDARY}"
+
+
+def body_of(
+    parts: list[tuple[str, bytes, str | None]], boundary: str = BOUNDARY, *, closing: bytes = b"--\r\n"
+) -> bytes:
+    """A multipart body as curl and requests write it: (name, content, filename or None) per part."""
+    out = b""
+    for name, content, filename in parts:
+        disposition = f'form-data; name="{name}"' + (f'; filename="{filename}"' if filename is not None else "")
+        out += f"--{boundary}\r\nContent-Disposition: {disposition}\r\n".encode()
+        if filename is not None:
+            out += b"Content-Type: application/octet-stream\r\n"
+        out += b"\r\n" + content + b"\r\n"
+    return out + f"--{boundary}".encode() + closing
+
+
+def starlette_parts(body: bytes, content_type: str) -> list[Part] | str:
+    """What Starlette's parser makes of the body, with the service's limits: parts, or the error."""
+
+    async def parse() -> list[Part] | str:
+        scope = {"type": "http", "method": "POST", "headers": [(b"content-type", content_type.encode())]}
+        request = Request(scope)
+        request._body = body
+        try:
+            form = await request.form(max_files=MAX_FILES, max_fields=MAX_FIELDS)
+            return [
+                Part(k, await v.read(), True) if isinstance(v, UploadFile) else Part(k, v, False)
+                for k, v in form.multi_items()
+            ]
+        except Exception as e:
+            return f"{type(e).__name__}: {e}"
+
+    return asyncio.run(parse())
+
+
+def test_reads_what_curl_sends() -> None:
+    photo = jpeg_bytes(0)
+    body = body_of([("image", photo, "cat.jpg"), ("model", b"antsbees@production", None), ("top_k", b"2", None)])
+    parts = read_plain_form(body, CTYPE)
+    assert parts == [Part("image", photo, True), Part("model", "antsbees@production", False), Part("top_k", "2", False)]
+    assert parts == starlette_parts(body, CTYPE)
+    assert read_plain_form(body, f'multipart/form-data; boundary="{BOUNDARY}"') == parts
+    # an empty file and an empty field are still parts
+    empty = body_of([("image", b"", "x.jpg"), ("top_k", b"", None)])
+    assert read_plain_form(empty, CTYPE) == [Part("image", b"", True), Part("top_k", "", False)]
+
+
+@pytest.mark.parametrize(
+    "body, content_type",
+    [
+        (body_of([("image", b"abc", "a.jpg")]), "multipart/form-data"),  # no boundary
+        (body_of([("image", b"abc", "a.jpg")]), "application/x-www-form-urlencoded"),
+        (body_of([("image", b"abc", "a.jpg")]).replace(b"\r\n", b"\n"), CTYPE),  # bare LF line breaks
+        (body_of([("image", b"abc", "a.jpg")], closing=b"\r\n"), CTYPE),  # no closing delimiter
+        (body_of([("image", b"abc", "a.jpg")], closing=b"--\r\nepilogue"), CTYPE),
+        (b"preamble\r\n" + body_of([("image", b"abc", "a.jpg")]), CTYPE),
+        (body_of([("image", b"abc", "a.jpg")]).replace(b'name="image"', b'name="im\\"age"'), CTYPE),
+        (body_of([("image", b"abc", "a.jpg")]).replace(b'filename="a.jpg"', b"filename*=UTF-8''a.jpg"), CTYPE),
+        (body_of([("image", b"abc", "a.jpg")]).replace(b"form-data", b"attachment"), CTYPE),
+        (body_of([("image", b"abc", "a.jpg"), ("image", b"def", "b.jpg")]), CTYPE),  # more files than allowed
+        (body_of([(f"f{i}", b"v", None) for i in range(MAX_FIELDS + 1)]), CTYPE),  # more fields than allowed
+        (body_of([("model", b"\xff\xfe", None)]), CTYPE),  # a field that is not UTF-8
+        (
+            body_of([("image", b"abc", "a.jpg")]).replace(
+                b"Content-Type: application/octet-stream", b"Content-Transfer-Encoding: base64"
+            ),
+            CTYPE,
+        ),
+    ],
+)
+def test_anything_but_the_plain_form_is_left_to_starlette(body: bytes, content_type: str) -> None:
+    assert read_plain_form(body, content_type) is None
+
+
+def test_boundary_parameter() -> None:
+    assert boundary_of("multipart/form-data; boundary=abc") == b"abc"
+    assert boundary_of('Multipart/Form-Data; charset=utf-8; boundary="a b"') == b"a b"
+    for bad in ("multipart/form-data", "multipart/mixed; boundary=abc", "multipart/form-data; boundary=", "text/plain"):
+        assert boundary_of(bad) is None
+
+
+names = st.sampled_from(["image", "model", "top_k", "extra", "n\u00e4me"])
+contents = st.binary(max_size=64) | st.sampled_from([b"\r\n", b"--", f"\r\n--{BOUNDARY}".encode(), b"\r\n\r\n"])
+part_lists = st.lists(st.tuples(names, contents, st.none() | st.sampled_from(["a.jpg", "", "x y.png"])), max_size=5)
+
+
+@settings(
+    max_examples=int(os.environ.get("BACKBONES_FUZZ_EXAMPLES") or 0) or 200,
+    derandomize=not os.environ.get("BACKBONES_FUZZ_EXAMPLES"),
+    suppress_health_check=[HealthCheck.too_slow],
+    deadline=None,
+)
+@given(parts=part_lists, mangle=st.sampled_from(["none", "cut", "lf", "epilogue", "header"]))
+def test_agrees_with_starlette_wherever_it_answers(parts: list[tuple[str, bytes, str | None]], mangle: str) -> None:
+    """On generated bodies, plain and mangled: where the fast reader answers, Starlette's parser
+    gives the same parts; where Starlette refuses, the fast reader declines too."""
+    body = body_of(parts)
+    if mangle == "cut":
+        body = body[: len(body) // 2]
+    elif mangle == "lf":
+        body = body.replace(b"\r\n", b"\n")
+    elif mangle == "epilogue":
+        body += b"trailing"
+    elif mangle == "header":
+        body = body.replace(b"Content-Type: application", b" folded: application", 1)
+    fast = read_plain_form(body, CTYPE)
+    slow = starlette_parts(body, CTYPE)
+    if fast is not None:
+        assert fast == slow
+    if isinstance(slow, str):
+        assert fast is None, slow
+
+
+def test_image_routes_answer_before_the_inner_apps(tiny_registry: Registry) -> None:
+    """POST /classify and /embed are answered by ImageRoutes with the app's handler; other methods
+    and paths go on to the inner app (which answers GET /classify with 405)."""
+    pool = ModelPool(["tiny_cnn"], settings=Settings(bentoml_home=tiny_registry.home), registry=tiny_registry)
+    app = create_app(pool)
+    passed: list[str] = []
+
+    async def inner(scope: dict[str, Any], receive: Callable[..., Any], send: Callable[..., Any]) -> None:
+        passed.append(f"{scope['method']} {scope['path']}")
+        await app(scope, receive, send)
+
+    routes = ImageRoutes(inner, fastapi_app=app)
+
+    async def call(method: str, path: str, body: bytes, ctype: str) -> tuple[int, bytes]:
+        sent: list[dict[str, Any]] = []
+
+        async def receive() -> dict[str, Any]:
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        async def send(message: dict[str, Any]) -> None:
+            sent.append(message)
+
+        scope = {
+            "type": "http",
+            "asgi": {"version": "3.0"},
+            "http_version": "1.1",
+            "method": method,
+            "scheme": "http",
+            "path": path,
+            "raw_path": path.encode(),
+            "query_string": b"",
+            "root_path": "",
+            "headers": [(b"content-type", ctype.encode()), (b"content-length", str(len(body)).encode())],
+            "client": ("127.0.0.1", 1),
+            "server": ("127.0.0.1", 3000),
+        }
+        await routes(scope, receive, send)
+        return sent[0]["status"], b"".join(m.get("body", b"") for m in sent[1:])
+
+    async def scenario() -> list[tuple[int, bytes]]:
+        await pool.start()
+        try:
+            photo = body_of([("image", jpeg_bytes(1), "p.jpg"), ("top_k", b"3", None)])
+            return [
+                await call("POST", "/classify", photo, CTYPE),
+                await call("POST", "/embed", photo, CTYPE),
+                await call("POST", "/classify", body_of([("top_k", b"0", None)]), CTYPE),
+                await call("POST", "/classify", b"{}", "application/json"),
+                await call("GET", "/classify", b"", CTYPE),
+            ]
+        finally:
+            await pool.close()
+
+    (classified, embedded, missing, json_body, get) = asyncio.run(scenario())
+    assert classified[0] == 200 and b'"predictions"' in classified[1] and classified[1].count(b'"index"') == 3
+    assert embedded[0] == 200 and b'"dim":32' in embedded[1]
+    assert missing == (422, b'{"error":"missing file field \'image\'"}')
+    assert json_body[0] == 415 and b"expected multipart/form-data" in json_body[1]
+    assert get[0] == 405
+    assert passed == ["GET /classify"]  # the POSTs never reached the inner apps
