@@ -13,12 +13,22 @@ Starlette, so unusual bodies get the same fields, or the same errors, as before
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 # Starlette's limits as the service sets them (service/http.py): beyond these it raises an error,
 # which the caller's fallback reproduces
 MAX_FILES = 1
 MAX_FIELDS = 8
+# python-multipart's own limits on a part's headers; the plain form stays well inside them
+MAX_HEADERS = 8
+MAX_HEADER_LINE = 4096
+
+_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # an HTTP header or parameter name
+_BOUNDARY = re.compile(r"[0-9A-Za-z'()+_,\-./:=? ]{0,69}[0-9A-Za-z'()+_,\-./:=?]")  # RFC 2046
+_PRINTABLE = re.compile(r"[\t\x20-\x7e]*")
+_CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+_UNSAFE_VALUE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f-\xff]")  # controls and obs-text
 
 
 @dataclass(frozen=True)
@@ -28,45 +38,51 @@ class Part:
     is_file: bool
 
 
+def _unquote(value: str) -> str:
+    return value[1:-1] if len(value) >= 2 and value[0] == value[-1] == '"' else value
+
+
 def boundary_of(content_type: str) -> bytes | None:
-    """The boundary parameter of a ``multipart/form-data`` content type, if plainly given."""
+    """The boundary of a plain ``multipart/form-data`` content type (parameters ``boundary`` and
+    optionally ``charset=utf-8``, printable ASCII only); None for anything else."""
+    if not _PRINTABLE.fullmatch(content_type):
+        return None
     kind, _, params = content_type.partition(";")
-    if kind.strip().lower() != "multipart/form-data":
+    if kind.strip(" \t").lower() != "multipart/form-data":
         return None
     found: bytes | None = None
     for param in params.split(";"):
-        key, eq, value = param.strip().partition("=")
+        key, eq, value = param.strip(" \t").partition("=")
+        key, value = key.strip(" \t").lower(), _unquote(value.strip(" \t"))
         if not eq:
             if key:
                 return None
-            continue
-        if key.strip().lower() != "boundary":
-            continue
-        value = value.strip()
-        if len(value) >= 2 and value[0] == value[-1] == '"':
-            value = value[1:-1]
-        if not value or '"' in value or "\\" in value or found is not None or not value.isascii():
+        elif key == "charset":
+            if value.lower() not in ("utf-8", "utf8"):  # Starlette decodes fields with the charset
+                return None
+        elif key != "boundary" or found is not None or not _BOUNDARY.fullmatch(value):
             return None
-        found = value.encode("ascii")
+        else:
+            found = value.encode("ascii")
     return found
 
 
 def _disposition(value: bytes) -> tuple[str, str | None] | None:
     """``name`` and ``filename`` of a plain ``form-data`` disposition; None for anything else."""
     kind, *params = value.split(b";")
-    if kind.strip().lower() != b"form-data":
+    if kind.strip(b" \t").lower() != b"form-data":
         return None
     found: dict[bytes, str] = {}
     for param in params:
-        key, eq, raw = param.strip().partition(b"=")
-        key = key.strip().lower()
+        key, eq, raw = param.strip(b" \t").partition(b"=")
+        key = key.strip(b" \t").lower()
         if not eq or key not in (b"name", b"filename") or key in found:
             return None
-        raw = raw.strip()
+        raw = raw.strip(b" \t")
         if len(raw) < 2 or raw[:1] != b'"' or raw[-1:] != b'"':
             return None
         raw = raw[1:-1]
-        if b'"' in raw or b"\\" in raw:
+        if b'"' in raw or b"\\" in raw or _CONTROL.search(raw):
             return None
         try:
             found[key] = raw.decode("utf-8")
@@ -98,18 +114,23 @@ def read_plain_form(body: bytes, content_type: str) -> list[Part] | None:
         if head_end < 0:
             return None
         disposition = None
-        for line in chunk[:head_end].split(b"\r\n"):
+        lines = chunk[:head_end].split(b"\r\n")
+        if len(lines) > MAX_HEADERS:
+            return None
+        for line in lines:
             key, colon, value = line.partition(b":")
-            key = key.strip().lower()
-            if not colon or not key or line[:1] in b" \t":  # folded or empty header lines
-                return None
+            if not colon or len(line) > MAX_HEADER_LINE or not _TOKEN.fullmatch(key):
+                return None  # empty, folded, overlong or oddly named header lines
+            key = key.lower()
             if key == b"content-disposition":
                 if disposition is not None:
                     return None
-                disposition = _disposition(value)
+                # outside its quoted name and filename, only printable ASCII
+                outside = re.sub(rb'"[^"]*"', b"", value)
+                disposition = None if _UNSAFE_VALUE.search(outside) else _disposition(value)
                 if disposition is None:
                     return None
-            elif key == b"content-transfer-encoding":
+            elif key == b"content-transfer-encoding" or _UNSAFE_VALUE.search(value):
                 return None
         if disposition is None:
             return None

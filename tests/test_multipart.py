@@ -91,6 +91,27 @@ def test_reads_what_curl_sends() -> None:
             ),
             CTYPE,
         ),
+        # header lines Starlette refuses or reads differently (found in review)
+        (body_of([("image", b"abc", "a.jpg")]).replace(b"Content-Disposition:", b"Content-Disposition :"), CTYPE),
+        (body_of([("image", b"abc", "a.jpg")]).replace(b"Content-Disposition:", b"\x0cContent-Disposition:"), CTYPE),
+        (body_of([("image", b"abc", "a.jpg")]).replace(b"Content-Type:", b"X(Y): 1\r\nContent-Type:"), CTYPE),
+        (body_of([("image", b"abc", "a.jpg")]).replace(b"application/", b"appli\rcation/"), CTYPE),
+        (body_of([("image", b"abc", "a.jpg")]).replace(b"Content-Type:", b"X-A: 1\r\n" * 8 + b"Content-Type:"), CTYPE),
+        (
+            body_of([("image", b"abc", "a.jpg")]).replace(
+                b"Content-Type:", b"X-Pad: " + b"a" * 5000 + b"\r\nContent-Type:"
+            ),
+            CTYPE,
+        ),
+        (body_of([("image", b"abc", "a.jpg")]).replace(b'; name="', b';\x0bname="'), CTYPE),
+        (body_of([("image", b"abc", "a.jpg")]).replace(b'name="image"', b'name=\x0c"image"'), CTYPE),
+        (body_of([("image", b"abc", "a.jpg")]).replace(b'name="image"', b'name="ima\nge"'), CTYPE),
+        # content types Starlette reads differently
+        (body_of([("image", b"abc", "a.jpg")], "q" * 300), "multipart/form-data; boundary=" + "q" * 300),
+        (body_of([("model", "m\u00e4".encode(), None)]), CTYPE + "; charset=latin-1"),
+        (body_of([("top_k", b"12", None)]), CTYPE + "; charset=utf-16"),
+        (body_of([("image", b"abc", "a.jpg")]), CTYPE + "\xa0"),
+        (body_of([("image", b"abc", "a.jpg")]), f"multipart/form-data\xa0; boundary={BOUNDARY}"),
     ],
 )
 def test_anything_but_the_plain_form_is_left_to_starlette(body: bytes, content_type: str) -> None:
@@ -115,12 +136,24 @@ part_lists = st.lists(st.tuples(names, contents, st.none() | st.sampled_from(["a
     suppress_health_check=[HealthCheck.too_slow],
     deadline=None,
 )
-@given(parts=part_lists, mangle=st.sampled_from(["none", "cut", "lf", "epilogue", "header"]))
-def test_agrees_with_starlette_wherever_it_answers(parts: list[tuple[str, bytes, str | None]], mangle: str) -> None:
-    """On generated bodies, plain and mangled: where the fast reader answers, Starlette's parser
-    gives the same parts; where Starlette refuses, the fast reader declines too."""
+@given(
+    parts=part_lists,
+    mangle=st.sampled_from(["none", "cut", "lf", "epilogue", "header", "byte"]),
+    odd=st.sampled_from([b"\x0b", b"\x0c", b"\r", b"\n", b"\xa0", b"\t", b" ", b'"', b";", b"\x00"]),
+    at=st.integers(min_value=0, max_value=10_000),
+    ctype=st.sampled_from([CTYPE, CTYPE + "; charset=utf-8", CTYPE + "; charset=latin-1", f'{CTYPE}; x="y"']),
+)
+def test_agrees_with_starlette_wherever_it_answers(
+    parts: list[tuple[str, bytes, str | None]], mangle: str, odd: bytes, at: int, ctype: str
+) -> None:
+    """On generated bodies, plain and mangled (an odd byte put anywhere, content types with more
+    parameters): where the fast reader answers, Starlette's parser gives the same parts; where
+    Starlette refuses, the fast reader declines too."""
     body = body_of(parts)
-    if mangle == "cut":
+    if mangle == "byte":
+        at %= len(body) + 1
+        body = body[:at] + odd + body[at:]
+    elif mangle == "cut":
         body = body[: len(body) // 2]
     elif mangle == "lf":
         body = body.replace(b"\r\n", b"\n")
@@ -128,8 +161,8 @@ def test_agrees_with_starlette_wherever_it_answers(parts: list[tuple[str, bytes,
         body += b"trailing"
     elif mangle == "header":
         body = body.replace(b"Content-Type: application", b" folded: application", 1)
-    fast = read_plain_form(body, CTYPE)
-    slow = starlette_parts(body, CTYPE)
+    fast = read_plain_form(body, ctype)
+    slow = starlette_parts(body, ctype)
     if fast is not None:
         assert fast == slow
     if isinstance(slow, str):
