@@ -148,6 +148,27 @@ def serving_plan(settings: Settings) -> ServingPlan:
     return ServingPlan(workers=workers, runners=runners, intra_op_threads=threads, decode_threads=decode)
 
 
+def worker_cores(settings: Settings, worker_index: int | None) -> set[int] | None:
+    """The one core a serving worker keeps to (``worker_index`` counts from 1), or None to leave
+    the scheduler free: only on a CPU, with ``pin_workers`` on and one worker per available core."""
+    if not settings.pin_workers or worker_index is None or worker_index < 1 or on_gpu(settings):
+        return None
+    try:
+        cores = sorted(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return None
+    if serving_plan(settings).workers != len(cores) or len(cores) < 2:
+        return None
+    return {cores[(worker_index - 1) % len(cores)]}
+
+
+def pin_process(cores: set[int]) -> None:
+    """Keep every thread of this process, and the threads it starts later, on ``cores``."""
+    for tid in os.listdir("/proc/self/task"):
+        with contextlib.suppress(OSError):  # a thread that has just ended
+            os.sched_setaffinity(int(tid), cores)
+
+
 def select_providers(
     choice: ProviderChoice,
     available: Sequence[str],

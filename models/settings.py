@@ -96,6 +96,11 @@ class Settings(BaseSettings):
         description="Log one line per request (BentoML's access log). Off by default: at hundreds of "
         "requests/s it costs CPU that inference needs; /metrics counts every request by outcome.",
     )
+    pin_workers: bool = Field(
+        default=True,
+        description="On a CPU, when there is one worker per available core, keep each worker's threads "
+        "on its own core (fewer migrations and cache refills).",
+    )
     trace_requests: bool = Field(
         default=False,
         description="OpenTelemetry spans for /classify and /embed (BentoML's tracing, exported where "

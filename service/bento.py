@@ -17,9 +17,10 @@ import logging
 from typing import Any
 
 import bentoml
+from bentoml._internal.context import server_context
 
 from models import Settings, get_settings
-from models.runtime import serving_plan
+from models.runtime import pin_process, serving_plan, worker_cores
 
 from .drain import Drain, ReadinessMiddleware
 from .http import ImageRoutes, create_app
@@ -61,6 +62,10 @@ class Backbones:
     @bentoml.on_startup
     async def load_models(self) -> None:
         _drain.install()  # uvicorn's signal handlers are in place by now: take SIGTERM over
+        cores = worker_cores(_settings, server_context.worker_index)
+        if cores is not None:
+            pin_process(cores)
+            log.info("worker %s keeps to core %s", server_context.worker_index, ",".join(map(str, sorted(cores))))
         await self.pool.start()
 
     @bentoml.on_shutdown

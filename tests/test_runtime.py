@@ -236,3 +236,39 @@ def test_serving_plan_on_cpu_and_gpu(monkeypatch) -> None:  # type: ignore[no-un
     assert serving_plan(Settings()).workers == 16  # CUDA contexts are not free
     monkeypatch.setattr(runtime, "on_gpu", lambda settings=None: False)
     assert serving_plan(Settings()).workers == 64
+
+
+def test_worker_cores_pin_one_worker_per_core_on_a_cpu_only(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.setattr(runtime.os, "sched_getaffinity", lambda pid: {4, 5, 6, 7})
+    monkeypatch.setattr(runtime, "available_cores", lambda: 4)
+    monkeypatch.setattr(runtime, "on_gpu", lambda settings=None: False)
+    cpu = Settings()
+    assert [runtime.worker_cores(cpu, i) for i in (1, 2, 3, 4, 5)] == [{4}, {5}, {6}, {7}, {4}]
+    assert runtime.worker_cores(cpu, None) is None  # not a serving worker
+    assert runtime.worker_cores(Settings(workers=2), 1) is None  # fewer workers than cores: left free
+    assert runtime.worker_cores(Settings(pin_workers=False), 1) is None
+    monkeypatch.setattr(runtime, "on_gpu", lambda settings=None: True)
+    assert runtime.worker_cores(cpu, 1) is None
+
+
+def test_pin_process_moves_every_thread_and_the_ones_started_later() -> None:
+    """In a child process (pinning this one would slow the rest of the suite)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import os, threading, time\n"
+        "from models.runtime import pin_process\n"
+        "stop = threading.Event()\n"
+        "early = threading.Thread(target=stop.wait); early.start()\n"
+        "core = min(os.sched_getaffinity(0))\n"
+        "pin_process({core})\n"
+        "late = threading.Thread(target=stop.wait); late.start()\n"
+        "allowed = {open(f'/proc/self/task/{t}/status').read().split('Cpus_allowed_list:')[1].split()[0]"
+        " for t in os.listdir('/proc/self/task')}\n"
+        "stop.set(); print(core, sorted(allowed), len(os.listdir('/proc/self/task')))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    core, allowed, threads = out.stdout.split(" ", 1)[0], out.stdout.split("[")[1].split("]")[0], out.stdout.split()[-1]
+    assert allowed == f"'{core}'" and int(threads) >= 3
