@@ -39,6 +39,7 @@ from models.runtime import CUDA, TRT, OnnxSession, provider_problems, usable_pro
 from models.spec import ONNX_FILENAME
 
 MODEL = "efficientnet_lite0"
+MAX_BATCH = 4096
 Runner = Callable[[np.ndarray], object]
 
 
@@ -90,6 +91,10 @@ def main() -> None:
         parser.error(f"--batches takes numbers separated by commas, not {args.batches!r}")
     if not batches or min(batches) < 1:
         parser.error("--batches must be positive")
+    if max(batches) > MAX_BATCH:
+        parser.error(f"--batches above {MAX_BATCH}: each image is 0.6 MB of float32 input, that many would not fit")
+    if args.rounds < 1 or args.seconds <= 0:
+        parser.error("--rounds must be at least 1 and --seconds above 0")
     log = (lambda *a: None) if args.json else (lambda *a: print(*a, file=sys.stderr, flush=True))
     if CUDA not in usable_providers():
         why = provider_problems().get(CUDA, "this onnxruntime has no CUDAExecutionProvider")

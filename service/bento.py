@@ -23,14 +23,11 @@ from models import Settings, get_settings
 from models.runtime import pin_process, serving_plan, worker_cores
 
 from .drain import Drain, ReadinessMiddleware
-from .http import ImageRoutes, create_app
+from .http import IMAGE_ROUTES, ImageRoutes, create_app
 from .openapi import OpenAPIMiddleware
 from .pool import ModelPool
 
 log = logging.getLogger(__name__)
-
-# the routes that carry images: skipped by BentoML's tracing middleware unless asked for
-IMAGE_ROUTES = ("/classify", "/embed")
 
 
 def tracing_config(settings: Settings) -> dict[str, Any]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -347,16 +348,23 @@ def export_cmd(
             min_agreement=threshold,
             verify_sources=list(image_paths([str(photos)])) if photos else None,
         )
+    _report_version(
+        stored,
+        as_json,
+        lambda ver: (
+            f"{stored.spec.precision.upper()} vs FP32 parent on {ver['images']} held-out images: top-1 "
+            f"agreement {ver['top1_agreement']:.1%} ({ver['top1_agreeing']}/{ver['images']}), max |dlogit| "
+            f"{ver['max_abs_logit_diff']:.3g}, feature cosine >= {ver['feature_cosine_min']:.4f}"
+        ),
+    )
+
+
+def _report_version(stored: Any, as_json: bool, summary: Callable[[dict[str, Any]], str]) -> None:
+    """A new version: its spec as JSON, or the verification ``summary`` on stderr and the tag."""
     if as_json:
         echo_json(stored.spec.model_dump(mode="json"))
         return
-    ver = stored.spec.verification
-    click.echo(
-        f"{stored.spec.precision.upper()} vs FP32 parent on {ver['images']} held-out images: top-1 agreement "
-        f"{ver['top1_agreement']:.1%} ({ver['top1_agreeing']}/{ver['images']}), max |dlogit| "
-        f"{ver['max_abs_logit_diff']:.3g}, feature cosine >= {ver['feature_cosine_min']:.4f}",
-        err=True,
-    )
+    click.echo(summary(stored.spec.verification), err=True)
     click.echo(stored.tag)
 
 
@@ -367,16 +375,14 @@ def _export_fp32(name: str, as_name: str | None, verify_images: Path | None, as_
     if not as_json:
         click.echo(f"exporting {name} ...", err=True)
     stored = export_catalog(name, registry=open_registry(), as_name=as_name, verify_sources=sources)
-    if as_json:
-        echo_json(stored.spec.model_dump(mode="json"))
-        return
-    ver = stored.spec.verification
-    click.echo(
-        f"verified on {ver['images']} images: max |dlogit| {ver['max_abs_logit_diff']:.1e}, "
-        f"top-1 agreement {ver['top1_agreement']:.0%}",
-        err=True,
+    _report_version(
+        stored,
+        as_json,
+        lambda ver: (
+            f"verified on {ver['images']} images: max |dlogit| {ver['max_abs_logit_diff']:.1e}, "
+            f"top-1 agreement {ver['top1_agreement']:.0%}"
+        ),
     )
-    click.echo(stored.tag)
 
 
 # -- classify -------------------------------------------------------------------------------

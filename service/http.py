@@ -18,7 +18,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
-from starlette.datastructures import Headers, UploadFile
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -29,13 +29,14 @@ from models.runtime import serving_plan
 
 from .batching import OverloadedError
 from .metrics import metrics
-from .multipart import MAX_FIELDS, MAX_FILES, Part, read_plain_form
+from .multipart import read_plain_form, starlette_parts
 from .pool import ModelPool, ServedModel
 
 log = logging.getLogger(__name__)
 
 IMAGE_KINDS_TO_STATUS = {"empty": 400, "undecodable": 400, "too_large": 413, "unsupported_format": 415}
 FORM_FIELDS = {"image", "model", "top_k"}
+IMAGE_ROUTES = ("/classify", "/embed")  # the routes that take an uploaded image
 
 _MULTIPART_BODY = {
     "requestBody": {
@@ -141,11 +142,7 @@ def create_app(pool: ModelPool) -> FastAPI:
         if parts is None:  # not the plain form: Starlette's parser decides, errors included
             request._body = bytes(body)  # let Starlette parse the body already read
             try:
-                form = await request.form(max_files=MAX_FILES, max_fields=MAX_FIELDS, max_part_size=limit)
-                parts = [
-                    Part(k, await v.read(), True) if isinstance(v, UploadFile) else Part(k, v, False)
-                    for k, v in form.multi_items()
-                ]
+                parts = await starlette_parts(request, max_part_size=limit)
             except Exception as e:  # malformed multipart
                 raise ApiError(400, f"malformed multipart body: {e}") from None
         fields = {p.name: p for p in parts}  # a repeated field: the last one counts, as in Starlette
@@ -158,16 +155,15 @@ def create_app(pool: ModelPool) -> FastAPI:
             raise ApiError(422, "field 'image' must be an uploaded file, not text (URLs are never fetched)")
         if unknown:
             raise ApiError(422, f"unknown field(s): {', '.join(sorted(unknown))}; accepted: image, model, top_k")
-        model_field, k_field = fields.get("model"), fields.get("top_k")
-        for fname, value in (("model", model_field), ("top_k", k_field)):
-            if value is not None and value.is_file:
-                raise ApiError(422, f"field {fname!r} must be text, not a file")
-        assert isinstance(image.value, bytes)
-        return (
-            image.value,
-            model_field.value if isinstance(model_field, Part) and isinstance(model_field.value, str) else None,
-            k_field.value if isinstance(k_field, Part) and isinstance(k_field.value, str) else None,
-        )
+        text: dict[str, str] = {}
+        for fname in ("model", "top_k"):
+            part = fields.get(fname)
+            if part is not None:
+                if not isinstance(part.value, str):
+                    raise ApiError(422, f"field {fname!r} must be text, not a file")
+                text[fname] = part.value
+        data = image.value if isinstance(image.value, bytes) else image.value.encode()
+        return data, text.get("model"), text.get("top_k")
 
     def choose(requested: str | None) -> ServedModel:
         try:
@@ -276,9 +272,7 @@ class ImageRoutes:
     at 64 clients on the 2-core machine showed the event loop taking as much time per request as
     the model's whole decode, and most of that time went to those layers."""
 
-    def __init__(
-        self, app: ASGIApp, *, fastapi_app: FastAPI, routes: tuple[str, ...] = ("/classify", "/embed")
-    ) -> None:
+    def __init__(self, app: ASGIApp, *, fastapi_app: FastAPI, routes: tuple[str, ...] = IMAGE_ROUTES) -> None:
         self.app = app
         self.handler = fastapi_app.state.image_handler
         self.routes = {route: route.strip("/") for route in routes}

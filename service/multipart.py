@@ -16,6 +16,9 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from starlette.datastructures import UploadFile
+from starlette.requests import Request
+
 # Starlette's limits as the service sets them (service/http.py): beyond these it raises an error,
 # which the caller's fallback reproduces
 MAX_FILES = 1
@@ -148,3 +151,12 @@ def read_plain_form(body: bytes, content_type: str) -> list[Part] | None:
         if files > MAX_FILES or fields > MAX_FIELDS:
             return None
     return parts
+
+
+async def starlette_parts(request: Request, *, max_part_size: int = 1024 * 1024) -> list[Part]:
+    """The parts as Starlette's parser (python-multipart) reads the request's body, with the
+    service's limits; raises what Starlette raises for a body it refuses."""
+    form = await request.form(max_files=MAX_FILES, max_fields=MAX_FIELDS, max_part_size=max_part_size)
+    return [
+        Part(k, await v.read(), True) if isinstance(v, UploadFile) else Part(k, v, False) for k, v in form.multi_items()
+    ]
