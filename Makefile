@@ -17,7 +17,7 @@ install: .venv/.synced
 
 lint: install
 	$(UV) run --frozen ruff check .
-	$(UV) run --frozen ruff format --check models finetune service tests benchmarks
+	$(UV) run --frozen ruff format --check models finetune embed service cli tests benchmarks
 
 typecheck: install
 	$(UV) run --frozen mypy

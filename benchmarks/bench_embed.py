@@ -135,8 +135,8 @@ def ceiling_configs(cores: int) -> list[tuple[int, int, int]]:
 
 
 def bench_ceiling(paths: Sequence[str], model_file: Path, loader: Any, batch: int, cores: int) -> dict[str, float]:
+    from embed.local import MICRO_BATCH, ConcurrentRunner
     from models import OnnxSession, Settings
-    from service.embed_local import MICRO_BATCH, ConcurrentRunner
 
     rates = {}
     sessions: dict[int, Any] = {}
@@ -163,7 +163,7 @@ def bench_ceiling(paths: Sequence[str], model_file: Path, loader: Any, batch: in
 def bench_engine(engine: str, manifest: Path, registry: Any, out: Path, batch: int) -> dict[str, Any]:
     """One ``run_embed``; its rate counts from the first image (local: decode workers started and
     session loaded; Ray: the first actor ready) to the last shard written."""
-    from service.embed import run_embed
+    from embed import run_embed
 
     shutil.rmtree(out, ignore_errors=True)
     summary = run_embed(
@@ -329,7 +329,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not args.no_ray:
             import ray
 
-            from service.embed_ray import init_local_ray
+            from embed.ray_engine import init_local_ray
 
             ray_mod = ray
             results["machine"]["ray"] = ray.__version__

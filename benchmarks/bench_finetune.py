@@ -115,7 +115,7 @@ def main() -> int:
 
         if not args.skip_cli:
             shutil.rmtree(cache_root(reg))
-            cmd = [sys.executable, "-m", "service.cli", "finetune", str(train), "--backbone", MODEL]
+            cmd = [sys.executable, "-m", "cli", "finetune", str(train), "--backbone", MODEL]
             cmd += ["--name", "antsbees", "--val-fraction", "0.2", "--json"]
             env = {**os.environ, "BENTOML_HOME": str(reg.home), "BENTOML_DO_NOT_TRACK": "true"}
             t = time.perf_counter()

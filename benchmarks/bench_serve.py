@@ -258,7 +258,7 @@ def main() -> None:
         )
 
         measured = measure_server(
-            [sys.executable, "-m", "service.cli", "serve", "--model", ref, "--host", "127.0.0.1"],
+            [sys.executable, "-m", "cli", "serve", "--model", ref, "--host", "127.0.0.1"],
             env,
             photos,
             args.seconds,

@@ -30,11 +30,7 @@ def train_transform(pre: Preprocess) -> TensorTransform:
     from torchvision.transforms import InterpolationMode
     from torchvision.transforms import v2 as T  # noqa: N812
 
-    interpolation = {
-        "bilinear": InterpolationMode.BILINEAR,
-        "bicubic": InterpolationMode.BICUBIC,
-        "nearest": InterpolationMode.NEAREST,
-    }[pre.interpolation]
+    interpolation = InterpolationMode(pre.interpolation)  # the spec's names are torchvision's modes
     pipeline = T.Compose(
         [
             T.PILToTensor(),

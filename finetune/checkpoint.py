@@ -20,6 +20,8 @@ from typing import Any
 
 import torch
 
+from models.files import write_atomic
+
 from .errors import TrainingError
 
 FORMAT = 1
@@ -99,12 +101,7 @@ def optimizer_from_files(tensors: dict[str, torch.Tensor], meta: dict[str, Any])
 
 
 def _write_json(path: Path, obj: Any) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(obj, indent=1).encode())
 
 
 def save_checkpoint(

@@ -21,6 +21,7 @@ from typing import Literal
 
 from PIL import Image, UnidentifiedImageError
 
+from models.imaging import IMAGE_SUFFIXES
 from models.registry import sha256_file
 
 from .errors import DatasetError
@@ -28,7 +29,6 @@ from .errors import DatasetError
 log = logging.getLogger(__name__)
 
 # The file names an ImageFolder's images may have (the formats models.imaging accepts).
-IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp", ".tif", ".tiff", ".mpo"})
 
 
 @dataclass(frozen=True)

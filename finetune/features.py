@@ -17,7 +17,6 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 import time
 import uuid
 from collections.abc import Iterator, Sequence
@@ -28,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from models import InferenceModel, Registry, Settings, StoredVersion, get_settings
+from models.files import replacing
 from models.registry import sha256_file
 from models.runtime import available_cores
 from models.spec import SPEC_FILENAME
@@ -40,7 +40,7 @@ CACHE_DIRNAME = "feature-cache"
 
 
 def cache_root(registry: Registry) -> Path:
-    return registry.home / "backbones" / CACHE_DIRNAME
+    return registry.own_dir(CACHE_DIRNAME)
 
 
 def model_key(stored: StoredVersion, settings: Settings) -> str:
@@ -125,14 +125,8 @@ class FeatureCache:
         if not tensors:  # safetensors needs a tensor; a failures-only shard carries an empty one
             tensors = {"features": np.zeros((0, 1), np.float32), "logits": np.zeros((0, 1), np.float32)}
         meta = {"sha256": json.dumps(list(shas)), "failed": json.dumps(failed)}
-        fd, tmp = tempfile.mkstemp(dir=self.dir, prefix=".shard-", suffix=".tmp")
-        os.close(fd)
-        try:
-            save_file(tensors, tmp, metadata=meta)
-            os.replace(tmp, self.dir / f"{os.getpid()}-{uuid.uuid4().hex}.safetensors")
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with replacing(self.dir / f"{os.getpid()}-{uuid.uuid4().hex}.safetensors") as tmp:
+            save_file(tensors, str(tmp), metadata=meta)
 
 
 def _batches(items: Sequence[Sample], size: int) -> Iterator[Sequence[Sample]]:

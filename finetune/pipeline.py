@@ -52,7 +52,7 @@ class FinetuneResult:
 
 
 def run_dir_for(config: FinetuneConfig, registry: Registry) -> Path:
-    return (config.run_dir or registry.home / "backbones" / "runs" / config.name).resolve()
+    return (config.run_dir or registry.own_dir("runs", config.name)).resolve()
 
 
 def load_parent_network(parent: StoredVersion) -> Backbone:

@@ -13,7 +13,6 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cache
-from pathlib import Path
 from typing import Literal
 
 from .errors import UnknownModelError
@@ -54,18 +53,6 @@ class CatalogEntry:
         if self.num_classes == 1000:
             return imagenet_labels()
         return [f"class_{i}" for i in range(self.num_classes)]
-
-    def weights_cache(self) -> Path | None:
-        """Where the weights are (or would be) cached; ``None`` for bundled or random weights."""
-        from . import weights
-
-        return weights.cache_path(self)
-
-    def weights_available(self) -> bool:
-        """True when building needs no download (bundled, random, or already cached)."""
-        from . import weights
-
-        return weights.available(self)
 
 
 _CATALOG: dict[str, CatalogEntry] = {}

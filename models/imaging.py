@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import struct
 import warnings
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import BinaryIO
 
@@ -23,6 +24,8 @@ from .errors import ImageError
 # Formats accepted from users. Others (PDF, EPS, ICO, PSD, ...) are refused: some of Pillow's
 # plugins are large attack surfaces for little use in photo classification.
 ALLOWED_FORMATS = frozenset({"JPEG", "MPO", "PNG", "GIF", "WEBP", "BMP", "TIFF"})
+# The file names taken for images when a folder is searched (the allowed formats' usual suffixes).
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp", ".tif", ".tiff", ".mpo"})
 
 # How much larger than the resize target the draft-decoded image must stay. Even so, drafting
 # moves logits by up to ~0.5 on multi-megapixel photos (benchmarks/bench_inference.py), far beyond
@@ -143,3 +146,13 @@ def decode_image(
         # it was opened on a file object the caller owns (Pillow would close that too).
         if not hasattr(source, "read"):
             img.close()
+
+
+def image_paths(inputs: Sequence[str | Path]) -> Iterator[Path]:
+    """Files as given; folders searched recursively for image files (by suffix), in sorted order."""
+    for item in inputs:
+        p = Path(item)
+        if p.is_dir():
+            yield from sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+        else:
+            yield p

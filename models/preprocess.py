@@ -15,12 +15,6 @@ from PIL import Image
 from .imaging import Source, decode_image
 from .spec import Preprocess
 
-_PIL_INTERPOLATION = {
-    "bilinear": Image.Resampling.BILINEAR,
-    "bicubic": Image.Resampling.BICUBIC,
-    "nearest": Image.Resampling.NEAREST,
-}
-
 Transform = Callable[[Image.Image], np.ndarray]
 
 # Beyond this aspect ratio, only the source region under the crop is resampled. A 1x20000 sliver
@@ -40,7 +34,7 @@ def resized_size(width: int, height: int, short_side: int) -> tuple[int, int]:
 
 def eval_transform(pre: Preprocess) -> Transform:
     """Build the eval transform: RGB ``PIL.Image`` -> float32 array of shape (3, crop, crop)."""
-    resample = _PIL_INTERPOLATION[pre.interpolation]
+    resample = Image.Resampling[pre.interpolation.upper()]  # the spec's names are Pillow's filters
     # (x / 255 - mean) / std folded into one multiply-add per pixel.
     scale = (1.0 / (255.0 * np.asarray(pre.std, dtype=np.float32))).reshape(3, 1, 1)
     offset = (-np.asarray(pre.mean, dtype=np.float32) / np.asarray(pre.std, dtype=np.float32)).reshape(3, 1, 1)

@@ -27,7 +27,6 @@ import os
 import re
 import shutil
 import socket
-import tempfile
 import uuid
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -38,6 +37,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from .errors import IntegrityError, RegistryError, UnknownModelError
+from .files import fsync_dir, pid_alive, write_atomic
 from .preflight import expectation, preflight
 from .settings import Settings, get_settings
 from .spec import ONNX_FILENAME, SPEC_FILENAME, VersionSpec
@@ -136,21 +136,6 @@ def _actor() -> str:
     return f"{user}@{socket.gethostname()} pid {os.getpid()}"
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to a temporary file beside ``path``, fsync it, and rename it into place."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
 def _write_bento_model_yaml(folder: Path, name: str, version: str, spec: VersionSpec, spec_sha256: str) -> None:
     """BentoML's own record of the model (``model.yaml``), written with BentoML's classes so that
     ``bentoml models list/get`` see every version; checked by reading it back."""
@@ -173,16 +158,6 @@ def _write_bento_model_yaml(folder: Path, name: str, version: str, spec: Version
     Model.from_path(folder)  # raises if BentoML cannot read what was written
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 class Registry:
     """Model versions and aliases under one BentoML home (``BENTOML_HOME``)."""
 
@@ -200,6 +175,11 @@ class Registry:
         self._staging = self._own / "staging"
         self._aliases = self._own / "aliases"
         self._locks = self._own / "locks"
+
+    def own_dir(self, *parts: str) -> Path:
+        """A folder of the project's own inside the store, beside BentoML's (aliases, staging,
+        feature caches, fine-tuning runs, TensorRT caches); not created here."""
+        return self._own.joinpath(*parts)
 
     # -- store plumbing -------------------------------------------------------------------
 
@@ -226,7 +206,7 @@ class Registry:
             return
         for d in self._staging.iterdir():
             pid = d.name.split("-", 1)[0]
-            if pid.isdigit() and not _pid_alive(int(pid)):
+            if pid.isdigit() and not pid_alive(int(pid)):
                 shutil.rmtree(d, ignore_errors=True)
 
     def _version_dirs(self, name: str) -> list[Path]:
@@ -299,11 +279,7 @@ class Registry:
             if target.exists():
                 raise RegistryError(f"{name}:{version} already exists; versions are immutable")
             os.rename(staged, target)  # the atomic step: a whole version appears, or none
-            dfd = os.open(self.models_dir / name, os.O_RDONLY)
-            try:
-                os.fsync(dfd)
-            finally:
-                os.close(dfd)
+            fsync_dir(self.models_dir / name)
         finally:
             shutil.rmtree(staged, ignore_errors=True)
         with self.lock(name):

@@ -393,7 +393,7 @@ def trt_cache_dir(settings: Settings) -> Path:
         return settings.trt_cache_dir.expanduser()
     from .registry import Registry
 
-    return Registry(settings=settings).home / "backbones" / "trt-cache"
+    return Registry(settings=settings).own_dir("trt-cache")
 
 
 def _static_chw(path: str | Path) -> tuple[int, int, int] | None:

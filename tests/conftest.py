@@ -89,7 +89,7 @@ def run_cli(tmp_path: Path) -> Callable[..., subprocess.CompletedProcess[str]]:
     ) -> subprocess.CompletedProcess[str]:
         env = {**os.environ, "BENTOML_HOME": str(home_dir or home), "BENTOML_DO_NOT_TRACK": "true", **(extra_env or {})}
         return subprocess.run(
-            [sys.executable, "-m", "service.cli", *args],
+            [sys.executable, "-m", "cli", *args],
             capture_output=True,
             text=True,
             env=env,

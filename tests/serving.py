@@ -78,7 +78,7 @@ def start_server(
 
     Tests get a drain delay of 0 (a stop takes no extra seconds) unless they set one in ``env``."""
     port = free_port()
-    args = [sys.executable, "-m", "service.cli", "serve", "--host", "127.0.0.1", "--port", str(port)]
+    args = [sys.executable, "-m", "cli", "serve", "--host", "127.0.0.1", "--port", str(port)]
     for ref in refs:
         args += ["--model", ref]
     environ = {

@@ -9,6 +9,7 @@ import pytest
 from models import Preprocess, UnknownModelError, catalog, get_entry, register_catalog
 from models.catalog import CatalogEntry
 from models.networks import build_architecture
+from models.weights import available
 
 TORCHVISION = [e for e in catalog() if e.family == "torchvision"]
 
@@ -61,7 +62,7 @@ def test_lite0_preprocessing_is_timms_pretrained_cfg() -> None:
     assert entry.preprocess == Preprocess.from_crop_pct(
         cfg.input_size[-1], cfg.crop_pct, interpolation=cfg.interpolation, mean=tuple(cfg.mean), std=tuple(cfg.std)
     )
-    assert entry.bundled and entry.weights_available()
+    assert entry.bundled and available(entry)
 
 
 def test_unknown_name_lists_the_known_ones() -> None:

@@ -124,13 +124,13 @@ def test_selectors_labels_ports_and_names_agree() -> None:
 
 def test_the_pod_runs_backbones_serve_so_dead_workers_are_replaced() -> None:
     """The image's own `bentoml serve` runs with BENTOML_CONTAINERIZED set, which turns BentoML's
-    worker respawn off; `backbones serve` unsets it (service/cli.py CONTAINER_MARKERS)."""
-    from service.cli import CONTAINER_MARKERS
+    worker respawn off; `backbones serve` unsets it (cli/main.py CONTAINER_MARKERS)."""
+    from cli.main import CONTAINER_MARKERS
 
     for overlay in OVERLAYS:
         c = container(render(overlay)["Deployment/backbones"])
         args = c.get("command", []) + c.get("args", [])
-        assert args[:4] == ["python", "-m", "service.cli", "serve"], (overlay, args)
+        assert args[:4] == ["python", "-m", "cli", "serve"], (overlay, args)
         assert int(args[args.index("--port") + 1]) == PORT
         assert c["workingDir"].endswith("/src")
         assert not set(CONTAINER_MARKERS) & {e["name"] for e in c.get("env", [])}
@@ -306,8 +306,11 @@ def _bentoml_build(bentofile: Path, home: Path) -> Path:
 @pytest.mark.parametrize("bentofile", ["bentofile.yaml", "deploy/overlays/gpu/bentofile.yaml"])
 def test_bentoml_build_packages_the_service(tmp_path: Path, bentofile: str) -> None:
     bento = _bentoml_build(ROOT / bentofile, tmp_path / "bentoml")
-    for f in ("service/bento.py", "service/http.py", "models/registry.py", "models/preflight_child.py"):
+    for f in ("service/bento.py", "service/http.py", "models/registry.py", "models/preflight_child.py", "cli/main.py"):
         assert (bento / "src" / f).is_file(), f
+    # the image ships what `backbones serve` imports, not the batch job or the trainer
+    for folder in ("finetune", "embed"):
+        assert not (bento / "src" / folder).exists(), folder
     info = load_all(bento / "bento.yaml")[0]
     assert info["service"] == "service.bento:Backbones"
     dockerfile = (bento / "env" / "docker" / "Dockerfile").read_text()

@@ -24,11 +24,12 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
+from cli.embed import embed_cmd
+from embed import run_embed
+from embed.inputs import InputError, Item, ManifestError, collect_inputs
+from embed.job import inputs_fingerprint, plan_shards
+from embed.output import ERRORS, MANIFEST, SHARD_RECORDS, OutputError
 from models import ImageLoader, InferenceModel, Registry
-from service.embed import inputs_fingerprint, plan_shards, run_embed
-from service.embed_cli import embed_cmd
-from service.embed_inputs import InputError, Item, ManifestError, collect_inputs
-from service.embed_output import ERRORS, MANIFEST, SHARD_RECORDS, OutputError
 
 from .conftest import ROOT, jpeg_bytes
 
@@ -215,7 +216,7 @@ def test_micro_batches_on_concurrent_runners_give_the_vectors_of_one_call(
 ) -> None:
     """On a CPU the local engine splits each batch into micro-batches run on one thread per core
     at once; rows must come back in input order with the values of a single call."""
-    from service.embed_local import MICRO_BATCH, ConcurrentRunner
+    from embed.local import MICRO_BATCH, ConcurrentRunner
 
     photos = tmp_path / "photos"
     good = make_tree(photos)
@@ -346,7 +347,7 @@ def test_resume_after_the_job_is_killed(run_cli, tiny_registry: Registry, tmp_pa
     args += ["--workers", "1", "--json"]
     env = {**os.environ, "BENTOML_HOME": str(tiny_registry.home), "BENTOML_DO_NOT_TRACK": "true"}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "service.cli", *args], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        [sys.executable, "-m", "cli", *args], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
     )
     deadline = time.monotonic() + 120
     while len(list(out.glob("part-*.parquet"))) < 3 and time.monotonic() < deadline and proc.poll() is None:
@@ -379,7 +380,7 @@ def test_resume_after_the_job_is_killed(run_cli, tiny_registry: Registry, tmp_pa
 
 
 def test_decode_buffers_of_dead_jobs_are_removed(tmp_path: Path) -> None:
-    from service.embed_local import SEGMENT_PREFIX, _remove_stale_segments
+    from embed.local import SEGMENT_PREFIX, _remove_stale_segments
 
     shm = Path("/dev/shm")
     if not shm.is_dir():

@@ -12,9 +12,9 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
 
+from embed import run_embed
+from embed.output import ERRORS, MANIFEST
 from models import Registry
-from service.embed import run_embed
-from service.embed_output import ERRORS, MANIFEST
 
 from .test_embed import add_bad_photos, make_tree
 
@@ -25,7 +25,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def local_ray() -> Iterator[None]:
-    from service.embed_ray import init_local_ray
+    from embed.ray_engine import init_local_ray
 
     init_local_ray(num_cpus=2)  # ray.init(num_cpus=2, include_dashboard=False), workers in this venv
     yield
@@ -98,11 +98,11 @@ def test_ray_resumes_a_job_the_local_engine_started(local_ray: None, tiny_regist
 def test_shard_embedder_and_the_fragment_fallback(tiny_registry: Registry, tmp_path: Path) -> None:
     """The actor class without Ray: its vectors are the service's, and a shard that Ray split
     across write tasks (pieces in _fragments/) is joined into the same file as a whole one."""
+    from embed import EmbedJob
+    from embed.inputs import collect_inputs
+    from embed.ray_engine import ShardEmbedder
+    from embed.ray_sink import ShardLayout, _write_fragment, join_fragments, write_ray_shard
     from models import InferenceModel
-    from service.embed import EmbedJob
-    from service.embed_inputs import collect_inputs
-    from service.embed_ray import ShardEmbedder
-    from service.embed_ray_write import ShardLayout, _write_fragment, join_fragments, write_ray_shard
 
     photos = tmp_path / "photos"
     good = make_tree(photos)
@@ -149,7 +149,7 @@ def test_shard_embedder_and_the_fragment_fallback(tiny_registry: Registry, tmp_p
 
 
 def test_the_actor_plan_for_cpus_and_gpus() -> None:
-    from service.embed_ray import plan_actors
+    from embed.ray_engine import plan_actors
 
     cpu = plan_actors({"CPU": 8.0}, actors=None, gpus_per_actor=0.0, threads=None, workers=None)
     # one actor per 2 CPUs; two single-threaded ORT calls at once on micro-batches; one decode thread

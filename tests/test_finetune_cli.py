@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from service.cli import cli
+from cli.main import cli
 from tests.test_finetune_support import color_image, json_lines, make_dataset
 
 

@@ -28,7 +28,7 @@ def test_lite0_top1_and_agreement_with_timm(tmp_path: Path) -> None:
     assert len(photos) == 100
     env = {**os.environ, "BENTOML_HOME": str(tmp_path / "bentoml")}
     proc = subprocess.run(
-        [sys.executable, "-m", "service.cli", "classify", "efficientnet_lite0", str(folder), "--json", "-k", "5"],
+        [sys.executable, "-m", "cli", "classify", "efficientnet_lite0", str(folder), "--json", "-k", "5"],
         capture_output=True,
         text=True,
         env=env,

@@ -205,7 +205,7 @@ def test_two_exports_at_once_both_succeed(tmp_path: Path) -> None:
     env = {**os.environ, "BENTOML_HOME": str(tmp_path / "bentoml")}
     procs = [
         subprocess.Popen(
-            [sys.executable, "-m", "service.cli", "export", "tiny_cnn"],
+            [sys.executable, "-m", "cli", "export", "tiny_cnn"],
             cwd=ROOT,
             env=env,
             stdout=subprocess.PIPE,

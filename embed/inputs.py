@@ -18,8 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from models.errors import BackbonesError
-
-from .cli_common import image_paths
+from models.imaging import image_paths
 
 log = logging.getLogger(__name__)
 

@@ -36,12 +36,12 @@ import pyarrow as pa
 from models.errors import BackbonesError
 from models.spec import ONNX_FILENAME
 
-from . import embed_output as out_
-from .embed_decode import Decoded, LoaderConfig, decode_chunk
-from .embed_ray_write import ShardLayout, datasink_class
+from . import output as out_
+from .decode import Decoded, LoaderConfig, decode_chunk
+from .ray_sink import ShardLayout, datasink_class
 
 if TYPE_CHECKING:
-    from .embed import EmbedJob, EngineStats, Shard
+    from .job import EmbedJob, EngineStats, Shard
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +79,7 @@ class ShardEmbedder:
         from models.registry import sha256_file
         from models.runtime import OnnxSession
 
-        from .embed_local import ConcurrentRunner
+        from .local import ConcurrentRunner
 
         path = Path(model_path)
         if not path.is_file():
@@ -229,7 +229,7 @@ def run_ray(
     except ImportError:
         raise RayEngineError("--engine ray needs Ray Data: uv add 'ray[data]'") from None
 
-    from .embed import EngineStats
+    from .job import EngineStats
 
     stats = EngineStats()
     if not todo:

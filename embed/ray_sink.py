@@ -1,5 +1,5 @@
 """Writing for the Ray engine: the rows of a shard, as the actors return them, into the local
-engine's Parquet shard (:func:`service.embed_output.shard_table` and ``write_shard``).
+engine's Parquet shard (:func:`embed.output.shard_table` and ``write_shard``).
 
 Each actor call returns one whole shard, so a write task normally holds every row of the shards
 it gets and writes them at once. Should Ray split a shard across write tasks anyway, its pieces
@@ -18,7 +18,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from . import embed_output as out_
+from . import output as out_
 
 # what the actors return besides the embedding (and top-k): kept in fragments, see join_fragments
 ROW_COLUMNS = ("shard", "pos", "id", "path", "kind", "error", "decode_s", "infer_s", "ready_at")

@@ -1,12 +1,11 @@
-"""What every ``backbones`` command shares: error handling, JSON output, image paths, the registry."""
+"""What every ``backbones`` command shares: error handling, JSON output, the registry."""
 
 from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable
 from functools import wraps
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
@@ -17,8 +16,6 @@ if TYPE_CHECKING:
     from models import Registry
 
 F = TypeVar("F", bound=Callable[..., Any])
-
-IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp", ".tif", ".tiff", ".mpo"})
 
 
 def open_registry() -> Registry:
@@ -71,13 +68,3 @@ def settings_problem(error: ValidationError) -> str:
 def echo_json(obj: Any) -> None:
     """One line of JSON on stdout."""
     click.echo(json.dumps(obj, default=str))
-
-
-def image_paths(inputs: Sequence[str]) -> Iterator[Path]:
-    """Files as given; folders searched recursively for image files, in sorted order."""
-    for item in inputs:
-        p = Path(item)
-        if p.is_dir():
-            yield from sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
-        else:
-            yield p

@@ -7,7 +7,7 @@ from typing import Any
 
 import click
 
-from .cli_common import echo_json, handle_errors
+from .common import echo_json, handle_errors
 
 
 @click.command("embed")
@@ -87,7 +87,7 @@ def embed_cmd(
     Read the folder as one dataset: pyarrow.dataset.dataset(DIR), pandas.read_parquet(DIR),
     polars.read_parquet('DIR/*.parquet'), DuckDB 'DIR/*.parquet', spark.read.parquet(DIR).
     """
-    from .embed import run_embed
+    from embed import run_embed
 
     if engine != "ray" and (ray_address or ray_actors or ray_gpus):
         raise click.UsageError("--ray-address, --ray-actors and --ray-gpus need --engine ray")

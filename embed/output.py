@@ -20,9 +20,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
-import os
 import shutil
-import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,13 +31,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from models.errors import BackbonesError
+from models.files import replacing, write_atomic
 from models.inference import softmax
-from models.registry import write_atomic
 
 MANIFEST = "_manifest.json"
 ERRORS = "_errors.jsonl"
 SHARD_RECORDS = "_shards"
-FRAGMENTS = "_fragments"  # pieces of shards that Ray split across write tasks (see embed_ray)
+FRAGMENTS = "_fragments"  # pieces of shards that Ray split across write tasks (see embed.ray_engine)
 LOCK = "_lock"
 FORMAT = "backbones.embeddings/1"
 
@@ -113,12 +111,6 @@ def shard_table(
     return pa.Table.from_arrays(columns, schema=schema)
 
 
-def _temp_beside(path: Path) -> Path:
-    # a hidden name (readers skip it) that is unique per writer; unlike mkstemp's 0600, the
-    # file gets the permissions the umask gives, like every other output file
-    return path.parent / f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp"
-
-
 def warm_up() -> None:
     """Pay Arrow's one-time start (its first array imports pandas: ~1-2 s) before timing starts."""
     shard_table(
@@ -153,17 +145,8 @@ def write_shard(out: Path, record: ShardRecord, table: pa.Table) -> None:
     records = out / SHARD_RECORDS
     records.mkdir(exist_ok=True)
     write_atomic(records / f"{shard_name(record.shard)[: -len('.parquet')]}.json", record.to_json())
-    target = out / shard_name(record.shard)
-    tmp = _temp_beside(target)
-    try:
+    with replacing(out / shard_name(record.shard)) as tmp:
         pq.write_table(table, tmp, row_group_size=max(1, table.num_rows))
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
 
 
 def read_record(out: Path, shard: int) -> ShardRecord | None:

@@ -12,7 +12,11 @@ from typing import Any
 
 import click
 
-from .cli_common import echo_json, handle_errors, image_paths, open_registry
+from models.imaging import image_paths
+
+from .common import echo_json, handle_errors, open_registry
+from .embed import embed_cmd
+from .finetune import finetune_cmd
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -45,6 +49,7 @@ def models_catalog(as_json: bool) -> None:
     """Pretrained models that can be exported, where their weights come from, and which work
     offline (bundled weights, or weights already in the local cache)."""
     from models import catalog
+    from models.weights import available, cache_path
 
     rows: list[dict[str, Any]] = []
     for e in catalog():
@@ -56,8 +61,8 @@ def models_catalog(as_json: bool) -> None:
                 "feature_dim": e.feature_dim,
                 "num_classes": e.num_classes,
                 "preprocess": e.preprocess.to_dict(),
-                "offline": e.weights_available(),
-                "cache": str(e.weights_cache()) if e.weights_cache() else None,
+                "offline": available(e),
+                "cache": str(cache) if (cache := cache_path(e)) else None,
                 "description": e.description,
             }
         )
@@ -503,18 +508,9 @@ def serve_cmd(refs: tuple[str, ...], host: str, port: int, workers: int | None) 
     os.execv(sys.executable, args)
 
 
-# Commands that live in modules of their own are added here, one line each.
-from .finetune_cli import finetune_cmd  # noqa: E402
-
 cli.add_command(finetune_cmd)
-from .embed_cli import embed_cmd  # noqa: E402
-
 cli.add_command(embed_cmd)
 
 
 def main() -> None:
     cli(prog_name="backbones")
-
-
-if __name__ == "__main__":
-    main()

@@ -11,7 +11,7 @@ from typing import Any
 
 import click
 
-from .cli_common import echo_json, handle_errors
+from .common import echo_json, handle_errors
 
 _MODES = ("linear", "full")
 

@@ -27,11 +27,12 @@ import numpy as np
 
 from models import InferenceModel
 from models.errors import BackbonesError
+from models.files import pid_alive
 from models.runtime import Outputs, available_cores, on_gpu
 
-from . import embed_output as out_
-from .embed import DEFAULT_BATCH_SIZE, EmbedJob, EngineStats, Shard
-from .embed_decode import Decoded, Slot, decode_chunk, decode_in_worker, init_worker
+from . import output as out_
+from .decode import Decoded, Slot, decode_chunk, decode_in_worker, init_worker
+from .job import DEFAULT_BATCH_SIZE, EmbedJob, EngineStats, Shard
 
 log = logging.getLogger(__name__)
 
@@ -245,19 +246,9 @@ def _remove_stale_segments() -> None:
         return
     for f in shm_dir.glob(f"{SEGMENT_PREFIX}*"):
         pid = f.name[len(SEGMENT_PREFIX) :].split("-", 1)[0]
-        if pid.isdigit() and not _alive(int(pid)):
+        if pid.isdigit() and not pid_alive(int(pid)):
             with contextlib.suppress(OSError):
                 f.unlink()
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _infer_into(job: EmbedJob, runner: ConcurrentRunner, chunk: _Chunk, decoded: Decoded, buf: _ShardBuffer) -> None:
