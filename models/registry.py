@@ -47,7 +47,7 @@ log = logging.getLogger(__name__)
 PRODUCTION = "production"
 BACKBONES_LABEL = "backbones"
 # BentoML's tag rule: lowercase alphanumerics, '_', '-', '.', starting and ending alphanumeric.
-_NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9._-]{0,61}[a-z0-9])?$")
+_NAME_RE = re.compile(r"[a-z0-9]([a-z0-9._-]{0,61}[a-z0-9])?")  # used with fullmatch: "x\n" is not "x"
 _FILE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # a plain file name inside a version
 _SHA256_RE = re.compile(r"[0-9a-f]{64}")
 _CHUNK = 1 << 20
@@ -63,7 +63,7 @@ def sha256_file(path: Path) -> str:
 
 def validate_name(value: str, what: str = "model name") -> str:
     """Names, versions and aliases must be safe path components and valid BentoML tags."""
-    if not isinstance(value, str) or not _NAME_RE.match(value) or ".." in value:
+    if not isinstance(value, str) or not _NAME_RE.fullmatch(value) or ".." in value:
         raise RegistryError(
             f"invalid {what} {value!r}: use 1-63 lowercase letters, digits, '_', '-' or '.', "
             "starting and ending with a letter or digit"
@@ -81,7 +81,7 @@ class Ref:
 
     @classmethod
     def parse(cls, ref: str) -> Ref:
-        ref = ref.strip()
+        # taken as given: a reference with spaces or a newline around it names nothing
         if "@" in ref:
             name, _, alias = ref.partition("@")
             return cls(_registry_name(name), alias=validate_name(alias, "alias"))
@@ -156,6 +156,16 @@ def _write_bento_model_yaml(folder: Path, name: str, version: str, spec: Version
     with open(folder / "model.yaml", "w", encoding="utf8") as f:
         info.dump(f)
     Model.from_path(folder)  # raises if BentoML cannot read what was written
+
+
+def _alias_doc_ok(doc: Any) -> bool:
+    """An alias file as this module writes it: alias -> version names, and a list of events."""
+    return (
+        isinstance(doc, dict)
+        and isinstance(doc.get("aliases"), dict)
+        and all(isinstance(k, str) and isinstance(v, str) for k, v in doc["aliases"].items())
+        and isinstance(doc.get("history"), list)
+    )
 
 
 class Registry:
@@ -330,7 +340,7 @@ class Registry:
             # the alias file is data on disk: what it names must be a version of this model
             if (
                 not isinstance(target, str)
-                or not _NAME_RE.match(target)
+                or not _NAME_RE.fullmatch(target)
                 or not (self.models_dir / r.name / target).is_dir()
             ):
                 raise UnknownModelError(f"{r.name}@{r.alias} points to {target!r}, which is not a version of {r.name}")
@@ -407,7 +417,9 @@ class Registry:
         try:
             doc = json.loads(path.read_text())
         except (OSError, ValueError) as e:
-            raise RegistryError(f"alias file {path} is unreadable ({e}); restore it from a backup") from None
+            raise RegistryError(f"the alias file of {name} is unreadable ({type(e).__name__}); restore it") from None
+        if not _alias_doc_ok(doc):
+            raise RegistryError(f"the alias file of {name} is malformed (expected aliases and history); restore it")
         return doc  # type: ignore[no-any-return]
 
     def aliases(self, name: str) -> dict[str, str]:

@@ -19,6 +19,11 @@ ONNX_FILENAME = "model.onnx"
 WEIGHTS_FILENAME = "weights.safetensors"
 SCHEMA_VERSION = 1
 
+# Bounds a spec's preprocessing must keep: a spec is data on disk, and a crop of 10^6 pixels or a
+# resize to 100x the crop would make every request allocate gigabytes.
+MAX_CROP = 2048
+MAX_RESIZE_RATIO = 4
+
 Interpolation = Literal["bilinear", "bicubic", "nearest"]
 # fp32: as exported from PyTorch; int8: statically quantized (QDQ) on CPUs; fp16: for GPUs.
 # Every precision keeps float32 inputs and outputs, so a caller never sees the difference.
@@ -37,10 +42,14 @@ class Preprocess:
     std: tuple[float, float, float] = IMAGENET_STD
 
     def __post_init__(self) -> None:
-        if self.crop <= 0 or self.resize < self.crop:
-            raise ValueError(f"preprocess needs 0 < crop <= resize, got crop={self.crop}, resize={self.resize}")
-        if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
-            raise ValueError(f"preprocess needs 3 means and 3 positive stds, got {self.mean}, {self.std}")
+        if not (0 < self.crop <= MAX_CROP and self.crop <= self.resize <= MAX_RESIZE_RATIO * self.crop):
+            raise ValueError(
+                f"preprocess needs 0 < crop <= {MAX_CROP} and crop <= resize <= {MAX_RESIZE_RATIO} x crop, "
+                f"got crop={self.crop}, resize={self.resize}"
+            )
+        values = (*self.mean, *self.std)
+        if len(self.mean) != 3 or len(self.std) != 3 or not all(math.isfinite(v) for v in values) or min(self.std) <= 0:
+            raise ValueError(f"preprocess needs 3 finite means and 3 finite positive stds, got {self.mean}, {self.std}")
 
     @classmethod
     def from_crop_pct(cls, crop: int, crop_pct: float, **kwargs: Any) -> Preprocess:

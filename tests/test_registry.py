@@ -222,3 +222,63 @@ def test_two_exports_at_once_both_succeed(tmp_path: Path) -> None:
     assert {s.tag for s in reg.versions("tiny_cnn")} == tags
     for tag in tags:
         reg.get(tag)
+
+
+@pytest.mark.parametrize("ref", ["tiny_cnn\n", " tiny_cnn", "tiny_cnn@production\n", "tiny_cnn:v1\n"])
+def test_references_are_matched_whole(registry: Registry, two_versions: tuple[str, str], ref: str) -> None:
+    """A trailing newline or a space is not part of a name: such a reference names nothing."""
+    registry.set_alias(f"tiny_cnn:{two_versions[0]}", "production")
+    registry.resolve(ref.strip().replace(":v1", f":{two_versions[0]}"))  # the exact name resolves
+    with pytest.raises(RegistryError, match="invalid"):
+        registry.resolve(ref)
+
+
+def test_alias_and_latest_files_keep_the_umask_mode(registry: Registry, two_versions: tuple[str, str]) -> None:
+    """Another user (a pod reading what CI wrote) can read the files that name versions."""
+    old = os.umask(0o022)
+    try:
+        registry.set_alias(f"tiny_cnn:{two_versions[0]}", "production")
+        export_catalog("tiny_cnn", registry=registry)  # rewrites `latest`
+    finally:
+        os.umask(old)
+    alias_file = registry.own_dir("aliases", "tiny_cnn.json")
+    latest = registry.models_dir / "tiny_cnn" / "latest"
+    for f in (alias_file, latest):
+        assert f.stat().st_mode & 0o777 == 0o644, f
+
+
+@pytest.mark.parametrize(
+    "content", [b"{not json", b"[]", b'{"aliases": {"production": 3}, "history": []}', b"\xff\xfe"]
+)
+def test_a_corrupt_alias_file_is_a_clear_error(
+    registry: Registry, two_versions: tuple[str, str], content: bytes
+) -> None:
+    registry.set_alias(f"tiny_cnn:{two_versions[0]}", "production")
+    registry.own_dir("aliases", "tiny_cnn.json").write_bytes(content)
+    with pytest.raises(RegistryError, match="alias file of tiny_cnn is (unreadable|malformed)") as e:
+        registry.resolve("tiny_cnn@production")
+    assert str(registry.home) not in str(e.value)  # error texts reach clients: no file-system paths
+    registry.get(f"tiny_cnn:{two_versions[1]}")  # the versions themselves are untouched
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"std": [0.0, 0.2, 0.2]},
+        {"mean": ["NaN", 0.4, 0.4]},
+        {"std": [0.2, "Infinity", 0.2]},
+        {"crop": 100000, "resize": 100000},
+        {"resize": 224 * 40},
+        {"crop": 0},
+    ],
+)
+def test_spec_values_are_checked_on_load(registry: Registry, change: dict[str, object]) -> None:
+    """A spec is data on disk: preprocessing that would divide by zero, produce NaN or allocate
+    gigabytes per request is refused when the version is read, even with matching checksums."""
+    stored = export_catalog("tiny_cnn", registry=registry)
+    vdir = stored.path
+    doc = json.loads((vdir / SPEC_FILENAME).read_text())
+    doc["preprocess"].update(change)
+    (vdir / SPEC_FILENAME).write_text(json.dumps(doc))
+    with pytest.raises(IntegrityError, match="unreadable spec.json"):
+        registry.get(stored.tag)
