@@ -8,6 +8,7 @@ import pytest
 from onnx import TensorProto, helper
 
 from models import runtime
+from models.cores import batch_plan
 from models.inference import InferenceModel, softmax, top_k
 from models.runtime import (
     CPU,
@@ -303,19 +304,20 @@ SERVING_PLANS = {
 }
 
 
-def _batch_plan(monkeypatch, cores: int, gpu: bool, threads: int | None) -> tuple[int, int, int]:  # type: ignore[no-untyped-def]
-    from embed import local
-
-    monkeypatch.setattr(local, "on_gpu", lambda settings=None: gpu)
-    runners = local.default_runners(threads, cores)
-    return local.default_workers(cores), runners, 1 if runners > 1 else (threads or cores)
+def _batch_plan(cores: int, gpu: bool, threads: int | None) -> tuple[int, int, int]:
+    plan = batch_plan(cores, gpu=gpu, threads=threads)
+    return plan.workers, plan.runners, plan.threads
 
 
 @pytest.mark.parametrize(("cores", "gpu"), sorted(BATCH_PLANS))
-def test_the_batch_job_spreads_decoding_and_inference_over_the_cores(monkeypatch, cores: int, gpu: bool) -> None:  # type: ignore[no-untyped-def]
-    assert _batch_plan(monkeypatch, cores, gpu, None) == BATCH_PLANS[cores, gpu]
+def test_the_batch_job_spreads_decoding_and_inference_over_the_cores(cores: int, gpu: bool) -> None:
+    assert _batch_plan(cores, gpu, None) == BATCH_PLANS[cores, gpu]
     # --threads: one call on that many threads; the decode workers stay as they were
-    assert _batch_plan(monkeypatch, cores, gpu, 3) == (BATCH_PLANS[cores, gpu][0], 1, 3)
+    assert _batch_plan(cores, gpu, 3) == (BATCH_PLANS[cores, gpu][0], 1, 3)
+    # --workers wins; the intra_op_threads setting only changes a lone call's threads
+    assert batch_plan(cores, gpu=gpu, workers=0).workers == 0
+    lone = batch_plan(cores, gpu=gpu, lone_call_threads=5)
+    assert (lone.runners, lone.threads) == ((1, 5) if BATCH_PLANS[cores, gpu][1] == 1 else BATCH_PLANS[cores, gpu][1:])
 
 
 @pytest.mark.parametrize(("cores", "gpu", "workers"), sorted(SERVING_PLANS))
