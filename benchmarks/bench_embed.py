@@ -135,8 +135,8 @@ def ceiling_configs(cores: int) -> list[tuple[int, int, int]]:
 
 
 def bench_ceiling(paths: Sequence[str], model_file: Path, loader: Any, batch: int, cores: int) -> dict[str, float]:
-    from embed.local import MICRO_BATCH, ConcurrentRunner
     from models import OnnxSession, Settings
+    from models.runtime import MICRO_BATCH, ConcurrentRunner
 
     rates = {}
     sessions: dict[int, Any] = {}
@@ -195,13 +195,15 @@ def bench_engine(engine: str, manifest: Path, registry: Any, out: Path, batch: i
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    from embed import EmbedConfig
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument(
         "--data", type=Path, default=DEFAULT_DATA, help="folder holding imagenet-sample/ (default ../shared/data)"
     )
     p.add_argument("--repeat", type=int, default=10, help="how many times the 100 photos are repeated")
     p.add_argument("--rounds", type=int, default=2, help="rounds of (ceiling, local, ray); medians are reported")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=EmbedConfig().batch_size, help="images per ONNX Runtime call")
     p.add_argument("--registry", type=Path, help="a BENTOML_HOME that already holds efficientnet_lite0")
     p.add_argument("--no-ray", action="store_true", help="skip the Ray engine")
     p.add_argument("--json", action="store_true", help="print the results as JSON only")

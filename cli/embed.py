@@ -2,12 +2,45 @@
 
 from __future__ import annotations
 
+import types
+import typing
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import click
 
+from embed.config import EmbedConfig
+
 from .common import echo_json, handle_errors
+
+
+def config_option(field: str, *decls: str, **extra: Any) -> Callable[[Any], Any]:
+    """A click option for the :class:`EmbedConfig` field ``field``: its default, its help text and
+    a type that checks the field's bounds all come from the field."""
+    info = EmbedConfig.model_fields[field]
+    kwargs: dict[str, Any] = {"default": info.default, "help": info.description}
+    if not extra.get("is_flag") and info.default is not None and not isinstance(info.default, bool):
+        kwargs["show_default"] = True
+    kind = _click_type(
+        info.annotation, {k: getattr(m, k) for m in info.metadata for k in ("ge", "le") if hasattr(m, k)}
+    )
+    if kind is not None:
+        kwargs["type"] = kind
+    return click.option(*(decls or ["--" + field.replace("_", "-")]), field, **kwargs, **extra)
+
+
+def _click_type(annotation: Any, bounds: dict[str, Any]) -> click.ParamType | None:
+    """click's type for a field's type (``X | None``: X's) and its ``ge``/``le`` bounds."""
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        annotation = next(a for a in typing.get_args(annotation) if a is not type(None))
+    if typing.get_origin(annotation) is typing.Literal:
+        return click.Choice(typing.get_args(annotation))
+    if annotation is int:
+        return click.IntRange(bounds.get("ge"), bounds.get("le"))
+    if annotation is float:
+        return click.FloatRange(bounds.get("ge"), bounds.get("le"))
+    return None
 
 
 @click.command("embed")
@@ -20,60 +53,22 @@ from .common import echo_json, handle_errors
     type=click.Path(file_okay=False, path_type=Path),
     help="Folder for part-*.parquet, _manifest.json and _errors.jsonl (created if missing).",
 )
-@click.option(
-    "--batch-size", default=32, show_default=True, type=click.IntRange(1, 4096), help="Images per ONNX Runtime call."
-)
-@click.option(
-    "--workers",
-    type=click.IntRange(min=0),
-    help="Decode processes (0: decode in the main process); with --engine ray, decode threads per actor. "
-    "Default: half the cores on CPU, all with a GPU (ray: 1 per actor, 4 with a GPU).",
-)
-@click.option(
-    "--threads",
-    type=click.IntRange(min=1),
-    help="ONNX Runtime intra-op threads (ray: per actor). Default (local, CPU): one single-threaded call per "
-    "core at once, measured fastest; with a GPU one call. Ray default: 2, 1 with a GPU.",
-)
-@click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True)
-@click.option("-k", "--top-k", type=click.IntRange(min=1), help="Also store the K most probable classes per image.")
-@click.option(
-    "--shard-size", default=1000, show_default=True, type=click.IntRange(min=1), help="Images per Parquet file."
-)
-@click.option("--overwrite", is_flag=True, help="Delete what an earlier job wrote to --output and start over.")
-@click.option("--ray-address", metavar="ADDR", help="Ray cluster to run on (--engine ray). Default: a local Ray.")
-@click.option(
-    "--ray-actors", type=click.IntRange(min=1), help="ONNX Runtime actors (--engine ray). Default: 1 per GPU, else 1."
-)
-@click.option(
-    "--ray-gpus", type=click.FloatRange(min=0), default=0, show_default=True, help="GPUs per actor (--engine ray)."
-)
-@click.option("--path-column", default="path", show_default=True, help="Manifest column with the image paths.")
-@click.option("--id-column", default="id", show_default=True, help="Manifest column with the ids (optional).")
-@click.option(
-    "--progress/--no-progress", default=None, help="Progress bar on stderr. Default: when stderr is a terminal."
-)
+@config_option("batch_size")
+@config_option("workers")
+@config_option("threads")
+@config_option("engine")
+@config_option("top_k", "-k", "--top-k")
+@config_option("shard_size")
+@config_option("overwrite", is_flag=True)
+@config_option("ray_address", metavar="ADDR")
+@config_option("ray_actors")
+@config_option("ray_gpus")
+@config_option("path_column")
+@config_option("id_column")
+@config_option("progress", "--progress/--no-progress")
 @click.option("--json", "as_json", is_flag=True, help="Print only the final summary, as JSON.")
 @handle_errors
-def embed_cmd(
-    ref: str,
-    inputs: tuple[str, ...],
-    output: Path,
-    batch_size: int,
-    workers: int | None,
-    threads: int | None,
-    engine: str,
-    top_k: int | None,
-    shard_size: int,
-    overwrite: bool,
-    ray_address: str | None,
-    ray_actors: int | None,
-    ray_gpus: float,
-    path_column: str,
-    id_column: str,
-    progress: bool | None,
-    as_json: bool,
-) -> None:
+def embed_cmd(ref: str, inputs: tuple[str, ...], output: Path, as_json: bool, **options: Any) -> None:
     """Embed images with model REF into Parquet shards under --output.
 
     INPUT: image files, folders (searched recursively), globs ('shots/**/*.jpg', quoted) and
@@ -89,26 +84,10 @@ def embed_cmd(
     """
     from embed import run_embed
 
-    if engine != "ray" and (ray_address or ray_actors or ray_gpus):
+    config = EmbedConfig(**options)
+    if config.engine != "ray" and (config.ray_address or config.ray_actors or config.ray_gpus):
         raise click.UsageError("--ray-address, --ray-actors and --ray-gpus need --engine ray")
-    ray_options: dict[str, Any] = {"actors": ray_actors, "gpus_per_actor": ray_gpus}
-    summary = run_embed(
-        ref,
-        inputs,
-        output,
-        engine=engine,  # type: ignore[arg-type]
-        batch_size=batch_size,
-        workers=workers,
-        threads=threads,
-        shard_size=shard_size,
-        top_k=top_k,
-        overwrite=overwrite,
-        ray_address=ray_address,
-        ray_options=ray_options,
-        progress=progress,
-        path_column=path_column,
-        id_column=id_column,
-    )
+    summary = run_embed(ref, inputs, output, config)
     if as_json:
         echo_json(summary.to_dict())
         return

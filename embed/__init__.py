@@ -1,19 +1,20 @@
 """Batch feature extraction: image collections -> Parquet shards of embeddings.
 
-``run_embed`` is the entry (:mod:`embed.run`); the job's types live in :mod:`embed.job`, below the
-engines (:mod:`embed.local`, :mod:`embed.ray_engine`) that the dispatcher chooses between.
-Inputs (:mod:`embed.inputs`), decoding (:mod:`embed.decode`) and the output folder
-(:mod:`embed.output`) are shared by both engines.
+``run_embed`` is the entry (:mod:`embed.run`), :class:`EmbedConfig` what a job is asked to do
+and the one place for its defaults (:mod:`embed.config`); the job's types live in
+:mod:`embed.job`, below the engines (:mod:`embed.local`, :mod:`embed.ray_engine`) that the
+dispatcher chooses between. Inputs (:mod:`embed.inputs`), decoding (:mod:`embed.decode`) and the
+output folder (:mod:`embed.output`) are shared by both engines.
 """
 
+from .config import EmbedConfig, Engine
 from .inputs import InputError, Item, ManifestError, collect_inputs
-from .job import DEFAULT_BATCH_SIZE, DEFAULT_SHARD_SIZE, EmbedJob, EmbedSummary, Engine, EngineStats, Shard
+from .job import EmbedJob, EmbedSummary, EngineStats, Shard
 from .output import OutputError
 from .run import run_embed
 
 __all__ = [
-    "DEFAULT_BATCH_SIZE",
-    "DEFAULT_SHARD_SIZE",
+    "EmbedConfig",
     "EmbedJob",
     "EmbedSummary",
     "Engine",

@@ -103,10 +103,10 @@ def _exit_with_parent(parent: int, interval_s: float = 0.5) -> None:
 
 
 @dataclass(frozen=True)
-class Slot:
-    """Where a worker leaves a decoded batch: slot ``index`` of the shared-memory array ``name``
-    of ``shape`` (slots, batch, 3, crop, crop), float32. Decoded pixels then cross to the main
-    process without being pickled, copied through a pipe and unpickled."""
+class SharedBatch:
+    """Where a worker leaves a decoded batch: batch ``index`` of the shared-memory array ``name``
+    of ``shape`` (batches, batch size, 3, crop, crop), float32. Decoded pixels then cross to the
+    main process without being pickled, copied through a pipe and unpickled."""
 
     name: str
     index: int
@@ -119,14 +119,14 @@ class Slot:
 _segments: dict[str, shared_memory.SharedMemory] = {}
 
 
-def decode_in_worker(paths: Sequence[str], slot: Slot) -> Decoded:
-    """Decode ``paths`` into ``slot``; the returned ``pixels`` is empty (the main process reads
-    ``ok.sum()`` images from the slot)."""
+def decode_in_worker(paths: Sequence[str], target: SharedBatch) -> Decoded:
+    """Decode ``paths`` into ``target``; the returned ``pixels`` is empty (the main process reads
+    ``ok.sum()`` images from the shared batch)."""
     if _loader is None:
         raise RuntimeError("decode worker used before init_worker")
-    shm = _segments.get(slot.name)
+    shm = _segments.get(target.name)
     if shm is None:
-        shm = _segments[slot.name] = shared_memory.SharedMemory(name=slot.name)
-    decoded = decode_chunk(_loader, paths, slot.view(shm))
+        shm = _segments[target.name] = shared_memory.SharedMemory(name=target.name)
+    decoded = decode_chunk(_loader, paths, target.view(shm))
     decoded.pixels = decoded.pixels[:0].copy()
     return decoded

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 
@@ -27,12 +27,9 @@ from models.registry import sha256_file
 from models.spec import SPEC_FILENAME
 
 from . import output as out_
+from .config import EmbedConfig
 from .decode import LoaderConfig
 from .inputs import Item
-
-Engine = Literal["local", "ray"]
-DEFAULT_SHARD_SIZE = 1000
-DEFAULT_BATCH_SIZE = 32
 
 
 @dataclass(frozen=True)
@@ -102,25 +99,24 @@ class EmbedSummary:
 
 
 class EmbedJob:
-    """A planned job: the model version, the inputs, the shard plan and the output folder."""
+    """A planned job: the model version, the inputs, the shard plan, the output folder and the
+    options (``config``) the engines run it with."""
 
     def __init__(
         self,
         stored: StoredVersion,
         items: Sequence[Item],
         output: Path,
+        config: EmbedConfig | None = None,
         *,
-        shard_size: int = DEFAULT_SHARD_SIZE,
-        top_k: int | None = None,
         loader_config: LoaderConfig | None = None,
     ) -> None:
         self.stored = stored
         self.spec = stored.spec
         self.items = list(items)
         self.output = Path(output)
-        self.shard_size = shard_size
-        self.top_k = top_k
-        self.shards = plan_shards(len(self.items), shard_size)
+        self.config = config or EmbedConfig()
+        self.shards = plan_shards(len(self.items), self.config.shard_size)
         self.spec_sha256 = sha256_file(stored.file(SPEC_FILENAME))
         self.fingerprint = inputs_fingerprint(self.items)
         if loader_config is None:
@@ -132,7 +128,9 @@ class EmbedJob:
             )
         self.loader_config = loader_config
         self.schema = out_.output_schema(
-            self.spec.feature_dim, top_k, {"backbones.model": self.spec.tag, "backbones.spec_sha256": self.spec_sha256}
+            self.spec.feature_dim,
+            self.config.top_k,
+            {"backbones.model": self.spec.tag, "backbones.spec_sha256": self.spec_sha256},
         )
 
     def identity(self) -> dict[str, Any]:
@@ -141,17 +139,17 @@ class EmbedJob:
             "model": self.spec.tag,
             "spec_sha256": self.spec_sha256,
             "inputs": self.fingerprint,
-            "shard_size": self.shard_size,
-            "top_k": self.top_k,
+            "shard_size": self.config.shard_size,
+            "top_k": self.config.top_k,
         }
 
     def table(self, ids: Sequence[str], paths: Sequence[str], features: np.ndarray, logits: np.ndarray | None) -> Any:
         """The Arrow table of one shard's embedded rows."""
         idx = score = None
-        if self.top_k:
+        if self.config.top_k:
             if logits is None:
                 raise ValueError("top_k needs the logits")
-            idx, score = out_.top_k_arrays(logits, self.top_k)
+            idx, score = out_.top_k_arrays(logits, self.config.top_k)
         return out_.shard_table(self.schema, ids, paths, features, self.spec.labels, idx, score)
 
     def manifest(self, status: str, records: Sequence[out_.ShardRecord], runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -174,9 +172,9 @@ class EmbedJob:
             "preprocessing": self.spec.preprocess.to_dict(),
             "decode": {"max_pixels": self.loader_config.max_pixels, "draft": self.loader_config.draft},
             "dim": self.spec.feature_dim,
-            "top_k": self.top_k,
+            "top_k": self.config.top_k,
             "schema": {f.name: str(f.type) for f in self.schema},
-            "plan": {"inputs": len(self.items), "shard_size": self.shard_size, "shards": len(self.shards)},
+            "plan": {"inputs": len(self.items), "shard_size": self.config.shard_size, "shards": len(self.shards)},
             "counts": {
                 "inputs": len(self.items),
                 "embedded": embedded,

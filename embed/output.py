@@ -112,7 +112,7 @@ def shard_table(
 
 
 def warm_up() -> None:
-    """Pay Arrow's one-time start (its first array imports pandas: ~1-2 s) before timing starts."""
+    """Pay Arrow's one-time start (its first array imports pandas) before timing starts."""
     shard_table(
         output_schema(1, 1),
         ["w"],

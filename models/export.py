@@ -14,19 +14,21 @@ import tempfile
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from .catalog import CatalogEntry, find_entry, get_entry
 from .errors import ExportError, UnknownModelError
 from .imaging import Source
-from .networks import Backbone, save_weights
 from .preflight import Expectation, preflight
 from .preprocess import ImageLoader
 from .registry import Ref, Registry, StoredVersion, sha256_file
 from .settings import Settings
 from .spec import INPUT_NAME, ONNX_FILENAME, OUTPUT_NAMES, WEIGHTS_FILENAME, Architecture, Preprocess
+
+if TYPE_CHECKING:
+    from .networks import Backbone
 
 log = logging.getLogger(__name__)
 
@@ -179,6 +181,8 @@ def register_backbone(
 ) -> StoredVersion:
     """Export ``net``, verify it, and register it as a new version of ``name`` (with its
     PyTorch weights as safetensors, so that a later full fine-tune can start from it)."""
+    from .networks import save_weights
+
     if len(labels) != net.num_classes:
         raise ExportError(f"{len(labels)} labels for a head of {net.num_classes} classes")
     with tempfile.TemporaryDirectory(prefix="backbones-export-") as tmp:
@@ -234,7 +238,8 @@ def export_catalog(
 
 
 def ensure_version(ref: str, registry: Registry) -> StoredVersion:
-    """The version ``ref`` names; a catalog name with no version yet is exported on first use."""
+    """The version ``ref`` names; a catalog name with no version yet is exported on first use.
+    The one get-or-export: PyTorch is imported only when it exports."""
     try:
         return registry.get(ref)
     except UnknownModelError:

@@ -9,7 +9,8 @@ import io
 import logging
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -18,6 +19,8 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
+from .cores import ServingPlan, available_cores, plan_serving
+from .cores import pin_process as pin_process  # where the service finds it
 from .settings import ProviderChoice, Settings, get_settings
 from .spec import INPUT_NAME, OUTPUT_NAMES
 
@@ -102,13 +105,6 @@ def usable_providers() -> list[str]:
     return [p for p in ort.get_available_providers() if p not in problems]
 
 
-def available_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
-
-
 def on_gpu(settings: Settings | None = None) -> bool:
     """Whether sessions made with these settings will run on an NVIDIA GPU."""
     if (settings or get_settings()).providers == "cpu":
@@ -116,36 +112,17 @@ def on_gpu(settings: Settings | None = None) -> bool:
     return any(p in usable_providers() for p in (TRT, CUDA))
 
 
-@dataclass(frozen=True)
-class ServingPlan:
-    """How a service spreads over the machine: worker processes, and in each worker the ONNX
-    Runtime calls that run at once (runners), their intra-op threads, and the decode threads."""
-
-    workers: int
-    runners: int
-    intra_op_threads: int
-    decode_threads: int
-
-
 def serving_plan(settings: Settings) -> ServingPlan:
-    """The serving layout for these settings on this machine (0 in a setting means: choose).
-
-    On a CPU: one worker process per core, each running one single-threaded ONNX Runtime call at
-    a time beside one decode thread. On the 2-core development machine this served 65-73 images/s
-    over HTTP against 52 for one process with two runners and 47 for one process with one call on
-    both cores: in one process, HTTP parsing, decoding and the batcher share one interpreter lock
-    (docs/benchmarks.md). With a GPU the cores are left with HTTP and decoding, the same work per
-    process: one worker per core there too (at most 16, each holding a CUDA context), each with
-    its own sessions on the GPU and one call at a time. On a 16-core H200 machine, 16 workers
-    served 579 images/s at 64 clients, 8 workers 95 and one worker 66 (docs/benchmarks.md)."""
-    cores = available_cores()
-    gpu = on_gpu(settings)
-    workers = settings.workers or (min(16, cores) if gpu else cores)
-    per_worker = max(1, cores // workers)
-    runners = settings.runners or (1 if gpu else per_worker)
-    threads = settings.intra_op_threads or max(1, per_worker // runners)
-    decode = settings.decode_threads or per_worker
-    return ServingPlan(workers=workers, runners=runners, intra_op_threads=threads, decode_threads=decode)
+    """The serving layout for these settings on this machine (:func:`models.cores.plan_serving`;
+    0 in a setting means: choose)."""
+    return plan_serving(
+        available_cores(),
+        gpu=on_gpu(settings),
+        workers=settings.workers,
+        runners=settings.runners,
+        threads=settings.intra_op_threads,
+        decode_threads=settings.decode_threads,
+    )
 
 
 def worker_cores(settings: Settings, worker_index: int | None) -> set[int] | None:
@@ -160,13 +137,6 @@ def worker_cores(settings: Settings, worker_index: int | None) -> set[int] | Non
     if serving_plan(settings).workers != len(cores) or len(cores) < 2:
         return None
     return {cores[(worker_index - 1) % len(cores)]}
-
-
-def pin_process(cores: set[int]) -> None:
-    """Keep every thread of this process, and the threads it starts later, on ``cores``."""
-    for tid in os.listdir("/proc/self/task"):
-        with contextlib.suppress(OSError):  # a thread that has just ended
-            os.sched_setaffinity(int(tid), cores)
 
 
 def select_providers(
@@ -226,7 +196,7 @@ def select_providers(
                 for key, batch in zip(("min", "opt", "max"), trt_profile, strict=True):
                     opts[f"trt_profile_{key}_shapes"] = f"{INPUT_NAME}:{batch}x{chw}"
         elif name == CUDA:
-            # EXHAUSTIVE times every cuDNN algorithm once per input shape (about 1 s on an H200):
+            # EXHAUSTIVE times every cuDNN algorithm once per input shape (a second or so):
             # OnnxSession pads batches to a few shapes and warms them, so that cost is paid at load
             opts = {"device_id": "0", "cudnn_conv_algo_search": "EXHAUSTIVE", "use_tf32": "1" if cuda_tf32 else "0"}
         specs.append((name, opts))
@@ -237,6 +207,37 @@ def select_providers(
 class Outputs:
     logits: np.ndarray  # (batch, num_classes)
     features: np.ndarray  # (batch, feature_dim)
+
+    @classmethod
+    def concatenate(cls, parts: Sequence[Outputs]) -> Outputs:
+        """The outputs of consecutive parts of one batch, as one batch's."""
+        return cls(
+            logits=np.concatenate([p.logits for p in parts]), features=np.concatenate([p.features for p in parts])
+        )
+
+
+# Images per call when a batch runs as concurrent single-threaded calls (models.cores.ort_layout).
+MICRO_BATCH = 2
+
+
+class ConcurrentRunner:
+    """Runs a batch through ``run`` (a session's or model's): one call, or micro-batches of
+    :data:`MICRO_BATCH` on ``runners`` threads at once (ONNX Runtime sessions take concurrent
+    calls). Rows come back in input order."""
+
+    def __init__(self, run: Callable[[np.ndarray], Outputs], runners: int) -> None:
+        self._run = run
+        self.pool = ThreadPoolExecutor(runners, thread_name_prefix="ort") if runners > 1 else None
+
+    def run(self, pixels: np.ndarray) -> Outputs:
+        if self.pool is None or len(pixels) <= MICRO_BATCH:
+            return self._run(pixels)
+        micro = np.split(pixels, range(MICRO_BATCH, len(pixels), MICRO_BATCH))
+        return Outputs.concatenate(list(self.pool.map(self._run, micro)))
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True)
 
 
 class OnnxSession:
@@ -301,10 +302,10 @@ class OnnxSession:
         profile = settings.trt_profile() if self.providers[0] == TRT else None
         self.max_batch: int | None = profile[2] if profile else None
         # ONNX Runtime's CUDA convolutions (the cuDNN frontend) rebuild their execution plans each
-        # time a call's input shape differs from the previous call's: about 0.8 s for
-        # EfficientNet-Lite0 on an H200, so a server alternating batch sizes on one session paid it
-        # on nearly every batch (9 images/s at 16 clients). On CUDA, batches are padded to the next
-        # power of two and each of those sizes runs on a session of its own, whose plans stay built.
+        # time a call's input shape differs from the previous call's (most of a second; see
+        # docs/benchmarks.md), so a server alternating batch sizes on one session paid that on
+        # nearly every batch. On CUDA, batches are padded to the next power of two and each of
+        # those sizes runs on a session of its own, whose plans stay built.
         self.pad_batches = self.providers[0] == CUDA
         self._by_size: dict[int, ort.InferenceSession] = {}
         self._sizes_lock = threading.Lock()
@@ -327,9 +328,8 @@ class OnnxSession:
 
     def run(self, batch: np.ndarray) -> Outputs:
         if self.max_batch is not None and len(batch) > self.max_batch:
-            parts = [self.run(batch[i : i + self.max_batch]) for i in range(0, len(batch), self.max_batch)]
-            return Outputs(
-                logits=np.concatenate([p.logits for p in parts]), features=np.concatenate([p.features for p in parts])
+            return Outputs.concatenate(
+                [self.run(batch[i : i + self.max_batch]) for i in range(0, len(batch), self.max_batch)]
             )
         n = len(batch)
         if self.pad_batches and n & (n - 1):

@@ -216,7 +216,7 @@ def test_micro_batches_on_concurrent_runners_give_the_vectors_of_one_call(
 ) -> None:
     """On a CPU the local engine splits each batch into micro-batches run on one thread per core
     at once; rows must come back in input order with the values of a single call."""
-    from embed.local import MICRO_BATCH, ConcurrentRunner
+    from models.runtime import MICRO_BATCH, ConcurrentRunner
 
     photos = tmp_path / "photos"
     good = make_tree(photos)
@@ -324,6 +324,43 @@ def test_cli_errors_are_one_line(tmp_path: Path) -> None:
     assert usage.exit_code == 2 and "need --engine ray" in usage.stderr
 
 
+def test_cli_options_take_their_defaults_and_help_from_the_job_config() -> None:
+    """The job's defaults live in EmbedConfig only: an option whose default, help or bounds
+    differ from its field's, or a default or a number typed into cli/embed.py, fails here."""
+    import ast
+
+    import click
+
+    from embed import EmbedConfig
+
+    options = {p.name: p for p in embed_cmd.params if isinstance(p, click.Option)}
+    fields = EmbedConfig.model_fields
+    assert set(fields) <= set(options)
+    for name, info in fields.items():
+        option = options[name]
+        assert (option.default, option.help) == (info.default, info.description), name
+    assert isinstance(options["batch_size"].type, click.IntRange)
+    assert (options["batch_size"].type.min, options["batch_size"].type.max) == (1, 4096)
+    assert options["batch_size"].default == EmbedConfig().batch_size
+
+    tree = ast.parse((ROOT / "cli" / "embed.py").read_text())
+    decorators = [d for f in ast.walk(tree) if isinstance(f, ast.FunctionDef) for d in f.decorator_list]
+    options_typed = [d for d in decorators if isinstance(d, ast.Call) and ast.unparse(d.func).endswith("option")]
+    assert len(options_typed) == len(options)
+    for call in options_typed:
+        typed = [kw.arg for kw in call.keywords if kw.arg == "default"]
+        numbers = [
+            c.value
+            for c in ast.walk(call)
+            if isinstance(c, ast.Constant)
+            and (
+                (isinstance(c.value, int | float) and not isinstance(c.value, bool))
+                or (isinstance(c.value, str) and any(ch.isdigit() for ch in c.value))
+            )
+        ]
+        assert not typed and not numbers, f"line {call.lineno}: {ast.unparse(call)}"
+
+
 @pytest.mark.slow
 def test_cli_unknown_model_is_one_line(run_cli, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     photos = tmp_path / "photos"
@@ -380,7 +417,7 @@ def test_resume_after_the_job_is_killed(run_cli, tiny_registry: Registry, tmp_pa
 
 
 def test_decode_buffers_of_dead_jobs_are_removed(tmp_path: Path) -> None:
-    from embed.local import SEGMENT_PREFIX, _remove_stale_segments
+    from embed.decode_pool import SEGMENT_PREFIX, _remove_stale_segments
 
     shm = Path("/dev/shm")
     if not shm.is_dir():

@@ -98,9 +98,9 @@ def test_ray_resumes_a_job_the_local_engine_started(local_ray: None, tiny_regist
 def test_shard_embedder_and_the_fragment_fallback(tiny_registry: Registry, tmp_path: Path) -> None:
     """The actor class without Ray: its vectors are the service's, and a shard that Ray split
     across write tasks (pieces in _fragments/) is joined into the same file as a whole one."""
-    from embed import EmbedJob
+    from embed import EmbedConfig, EmbedJob
     from embed.inputs import collect_inputs
-    from embed.ray_engine import ShardEmbedder
+    from embed.ray_actor import ShardEmbedder
     from embed.ray_sink import ShardLayout, _write_fragment, join_fragments, write_ray_shard
     from models import InferenceModel
 
@@ -109,7 +109,7 @@ def test_shard_embedder_and_the_fragment_fallback(tiny_registry: Registry, tmp_p
     add_bad_photos(photos)
     items = collect_inputs([str(photos)])
     stored = tiny_registry.get("tiny_cnn")
-    job = EmbedJob(stored, items, tmp_path, shard_size=len(items), top_k=2)
+    job = EmbedJob(stored, items, tmp_path, EmbedConfig(shard_size=len(items), top_k=2))
     embedder = ShardEmbedder(
         str(stored.file("model.onnx")), stored.spec.files["model.onnx"], job.loader_config, 3, 1, 2, 2
     )

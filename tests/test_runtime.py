@@ -8,6 +8,7 @@ import pytest
 from onnx import TensorProto, helper
 
 from models import runtime
+from models.cores import batch_plan
 from models.inference import InferenceModel, softmax, top_k
 from models.runtime import (
     CPU,
@@ -272,3 +273,69 @@ def test_pin_process_moves_every_thread_and_the_ones_started_later() -> None:
     assert out.returncode == 0, out.stderr
     core, allowed, threads = out.stdout.split(" ", 1)[0], out.stdout.split("[")[1].split("]")[0], out.stdout.split()[-1]
     assert allowed == f"'{core}'" and int(threads) >= 3
+
+
+# -- how the cores are spread: the numbers chosen on small and large machines ----------------------
+
+# (cores, gpu) -> (decode workers, ONNX Runtime calls at once, intra-op threads per call) of the batch job
+BATCH_PLANS = {
+    (1, False): (1, 1, 1),
+    (2, False): (1, 2, 1),
+    (3, False): (1, 3, 1),
+    (4, False): (2, 4, 1),
+    (16, False): (8, 16, 1),
+    (64, False): (32, 64, 1),
+    (1, True): (1, 1, 1),
+    (2, True): (2, 1, 2),
+    (16, True): (16, 1, 16),
+    (64, True): (64, 1, 64),
+}
+# (cores, gpu, workers setting) -> (workers, runners, intra-op threads, decode threads) of the service
+SERVING_PLANS = {
+    (1, False, 0): (1, 1, 1, 1),
+    (2, False, 0): (2, 1, 1, 1),
+    (16, False, 0): (16, 1, 1, 1),
+    (16, False, 2): (2, 8, 1, 8),
+    (2, True, 0): (2, 1, 1, 1),
+    (16, True, 0): (16, 1, 1, 1),
+    (16, True, 2): (2, 1, 8, 8),
+    (64, True, 0): (16, 1, 4, 4),
+    (64, False, 0): (64, 1, 1, 1),
+}
+
+
+def _batch_plan(cores: int, gpu: bool, threads: int | None) -> tuple[int, int, int]:
+    plan = batch_plan(cores, gpu=gpu, threads=threads)
+    return plan.workers, plan.runners, plan.threads
+
+
+@pytest.mark.parametrize(("cores", "gpu"), sorted(BATCH_PLANS))
+def test_the_batch_job_spreads_decoding_and_inference_over_the_cores(cores: int, gpu: bool) -> None:
+    assert _batch_plan(cores, gpu, None) == BATCH_PLANS[cores, gpu]
+    # --threads: one call on that many threads; the decode workers stay as they were
+    assert _batch_plan(cores, gpu, 3) == (BATCH_PLANS[cores, gpu][0], 1, 3)
+    # --workers wins; the intra_op_threads setting only changes a lone call's threads
+    assert batch_plan(cores, gpu=gpu, workers=0).workers == 0
+    lone = batch_plan(cores, gpu=gpu, lone_call_threads=5)
+    assert (lone.runners, lone.threads) == ((1, 5) if BATCH_PLANS[cores, gpu][1] == 1 else BATCH_PLANS[cores, gpu][1:])
+
+
+@pytest.mark.parametrize(("cores", "gpu", "workers"), sorted(SERVING_PLANS))
+def test_the_service_spreads_workers_runners_and_threads_over_the_cores(  # type: ignore[no-untyped-def]
+    monkeypatch, cores: int, gpu: bool, workers: int
+) -> None:
+    monkeypatch.setattr(runtime, "available_cores", lambda: cores)
+    monkeypatch.setattr(runtime, "on_gpu", lambda settings=None: gpu)
+    plan = serving_plan(Settings(workers=workers))
+    assert (plan.workers, plan.runners, plan.intra_op_threads, plan.decode_threads) == SERVING_PLANS[
+        cores, gpu, workers
+    ]
+
+
+@pytest.mark.parametrize("cpus", [1, 2, 3, 8, 64])
+def test_ray_actors_take_two_cpus_each_and_spread_them_as_the_batch_job_does(cpus: int) -> None:
+    from embed.ray_engine import plan_actors
+
+    plan = plan_actors({"CPU": float(cpus)}, actors=None, gpus_per_actor=0.0, threads=None, workers=None)
+    assert (plan.actors, plan.decode_threads, plan.runners, plan.threads) == (max(1, cpus // 2), 1, 2, 1)
+    assert (plan.decode_threads, plan.runners, plan.threads) == BATCH_PLANS[2, False]
