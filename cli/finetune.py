@@ -6,103 +6,83 @@ import json
 import subprocess
 import sys
 import tempfile
+import types
+import typing
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import click
+from click.core import ParameterSource
+from pydantic.fields import FieldInfo
 
-from .common import echo_json, handle_errors
+from finetune import FinetuneConfig
 
-_MODES = ("linear", "full")
+from .common import F, echo_json, handle_errors
+
+# What the command line adds to a config field: a metavar, or a stricter type (a folder that must exist).
+_CLI_EXTRAS: dict[str, dict[str, Any]] = {
+    "backbone": {"metavar": "REF"},
+    "name": {"metavar": "NAME"},
+    "promote_if_better": {"metavar": "ALIAS"},
+    "val_dir": {"type": click.Path(exists=True, path_type=Path)},
+    "run_dir": {"type": click.Path(file_okay=False, path_type=Path)},
+}
+
+# a field's limit -> the click range's end, and whether the end is excluded
+_LIMITS = {"ge": ("min", False), "gt": ("min", True), "le": ("max", False), "lt": ("max", True)}
+
+
+def _click_type(field: FieldInfo) -> click.ParamType | None:
+    """The click type of a config field: its choices, or its number type with the field's limits."""
+    annotation = field.annotation
+    if typing.get_origin(annotation) is types.UnionType:  # X | None: None is the option not given
+        annotation = next(a for a in typing.get_args(annotation) if a is not type(None))
+    if typing.get_origin(annotation) is typing.Literal:
+        return click.Choice(typing.get_args(annotation))
+    if annotation is Path:
+        return click.Path(path_type=Path)
+    if annotation not in (int, float):
+        return None
+    limits: dict[str, Any] = {}
+    for m in field.metadata:  # pydantic's annotated_types objects: Ge(ge=1), Lt(lt=1), ...
+        for attr, (end, is_open) in _LIMITS.items():
+            if hasattr(m, attr):
+                limits.update({end: getattr(m, attr), f"{end}_open": is_open})
+    if not limits:
+        return click.INT if annotation is int else click.FLOAT
+    return click.IntRange(**limits) if annotation is int else click.FloatRange(**limits)
+
+
+def _config_option(name: str, field: FieldInfo) -> Callable[[F], F]:
+    """One option made from a :class:`FinetuneConfig` field: its default, limits and help text."""
+    flag = "--" + name.replace("_", "-")
+    settings: dict[str, Any] = {"help": field.description}
+    if field.is_required():
+        settings["required"] = True
+    else:
+        settings.update(default=field.default, show_default=True)
+    if field.annotation is bool:
+        settings["is_flag"] = True
+        if field.default:  # a switch that is on unless turned off
+            flag = f"{flag}/--no-{flag[2:]}"
+    else:
+        settings["type"] = _click_type(field)
+    return click.option(flag, name, **{**settings, **_CLI_EXTRAS.get(name, {})})
+
+
+def _config_options(command: F) -> F:
+    """Every :class:`FinetuneConfig` field but ``data`` (the DATA_DIR argument) as an option, in the
+    config's order."""
+    for name, field in reversed(FinetuneConfig.model_fields.items()):
+        if name != "data":
+            command = _config_option(name, field)(command)
+    return command
 
 
 @click.command("finetune")
 @click.argument("data_dir", metavar="DATA_DIR", type=click.Path(exists=True, path_type=Path))
-@click.option(
-    "--backbone",
-    required=True,
-    metavar="REF",
-    help="Model to start from: catalog name, NAME, NAME:VERSION or NAME@ALIAS.",
-)
-@click.option("--name", required=True, metavar="NAME", help="Registry name of the new version.")
-@click.option(
-    "--mode",
-    type=click.Choice(_MODES),
-    default="linear",
-    show_default=True,
-    help="linear: new head on frozen features; full: train every layer.",
-)
-@click.option("--epochs", type=click.IntRange(min=1), help="Full fine-tune epochs  [default: 10]")
-@click.option(
-    "--val-dir",
-    type=click.Path(exists=True, path_type=Path),
-    help="Validation ImageFolder or CSV (instead of a split of DATA_DIR).",
-)
-@click.option(
-    "--val-fraction",
-    type=click.FloatRange(0, 1, min_open=True, max_open=True),
-    help="Share of each class held out for validation  [default: 0.2]",
-)
-@click.option(
-    "--seed", type=int, default=0, show_default=True, help="Seed of the split, the initialisation and the augmentation."
-)
-@click.option(
-    "--promote-if-better",
-    metavar="ALIAS",
-    help="Move NAME@ALIAS to the new version only if it is more accurate on the same validation images.",
-)
-@click.option("--batch-size", type=click.IntRange(1, 4096), default=32, show_default=True)
-@click.option(
-    "--lr",
-    type=click.FloatRange(min=0, min_open=True),
-    help="Full: peak learning rate of the new head  [default: 1e-3]",
-)
-@click.option("--backbone-lr-scale", type=click.FloatRange(0, 1), help="Full: backbone LR = lr x this  [default: 0.1]")
-@click.option(
-    "--weight-decay",
-    type=click.FloatRange(min=0),
-    help="Linear: L2 strength (default: chosen by cross-validation); full: AdamW decay (default 0.05).",
-)
-@click.option("--warmup-epochs", type=click.FloatRange(min=0), help="Full: linear warmup length  [default: 1]")
-@click.option(
-    "--freeze-epochs", type=click.IntRange(min=0), help="Full: first epochs with the backbone frozen  [default: 0]"
-)
-@click.option(
-    "--patience",
-    type=click.IntRange(min=1),
-    help="Full: stop after this many epochs without a better val loss  [default: 3]",
-)
-@click.option("--label-smoothing", type=click.FloatRange(0, 1, max_open=True), help="Full  [default: 0.1]")
-@click.option(
-    "--top-k", type=click.IntRange(min=1), default=5, show_default=True, help="k of the top-k accuracy in the report."
-)
-@click.option(
-    "--imbalance-ratio",
-    type=click.FloatRange(min=1, min_open=True),
-    default=3.0,
-    show_default=True,
-    help="Warn when the largest class has this many times the images of the smallest.",
-)
-@click.option("--workers", type=click.IntRange(min=0), help="Decode workers (default: from the cores).")
-@click.option(
-    "--device",
-    type=click.Choice(["auto", "cpu", "cuda"]),
-    default="auto",
-    show_default=True,
-    help="Full fine-tune device.",
-)
-@click.option("--amp/--no-amp", default=True, show_default=True, help="Full: mixed precision on CUDA.")
-@click.option("--resume", is_flag=True, help="Full: continue the run interrupted in --run-dir (same data and options).")
-@click.option(
-    "--run-dir",
-    type=click.Path(file_okay=False, path_type=Path),
-    help="Full: checkpoints  [default: $BENTOML_HOME/backbones/runs/NAME]",
-)
-@click.option(
-    "--stop-after-epochs",
-    type=click.IntRange(min=1),
-    help="Full: stop after this epoch with its checkpoint written, registering nothing (continue with --resume).",
-)
+@_config_options
 @click.option(
     "--nproc-per-node",
     type=click.IntRange(min=1),
@@ -122,7 +102,7 @@ def finetune_cmd(data_dir: Path, as_json: bool, nproc_per_node: int, **options: 
     training; fewer than two classes or an empty class is an error.
 
     \b
-    --mode linear (default): a regularised linear head on the backbone's cached ONNX features.
+    --mode linear: a regularised linear head on the backbone's cached ONNX features.
     --mode full: every layer, AdamW, warmup + cosine, checkpoints, --resume, early stopping.
 
     The new version (one ONNX graph with logits and features, verified like any export) holds
@@ -133,35 +113,12 @@ def finetune_cmd(data_dir: Path, as_json: bool, nproc_per_node: int, **options: 
     """
     from pydantic import ValidationError
 
-    from finetune import FinetuneConfig
-
-    if options["val_dir"] is not None and options["val_fraction"] is not None:
-        raise click.UsageError("give --val-dir or --val-fraction, not both")
-    if options["mode"] == "linear":
-        full_only = [
-            k
-            for k in (
-                "epochs",
-                "lr",
-                "backbone_lr_scale",
-                "warmup_epochs",
-                "freeze_epochs",
-                "patience",
-                "label_smoothing",
-                "stop_after_epochs",
-            )
-            if options[k] is not None
-        ]
-        if options["resume"]:
-            full_only.append("resume")
-        if full_only or nproc_per_node > 1:
-            raise click.UsageError(
-                f"--{(full_only or ['nproc-per-node'])[0].replace('_', '-')} applies to --mode full only; the linear probe "
-                "has no epochs (its head is fitted in one solve)"
-            )
-    values = {k: v for k, v in options.items() if v is not None}
+    ctx = click.get_current_context()
+    # only what was typed goes to the config: its own defaults are the ones the options show
+    given = {k: v for k, v in options.items() if ctx.get_parameter_source(k) is not ParameterSource.DEFAULT}
+    _check_combination(given, options["mode"], nproc_per_node)
     try:
-        config = FinetuneConfig(data=data_dir, **values)
+        config = FinetuneConfig(data=data_dir, **given)
     except ValidationError as e:
         raise click.UsageError(str(e)) from None
 
@@ -179,7 +136,21 @@ def finetune_cmd(data_dir: Path, as_json: bool, nproc_per_node: int, **options: 
     _print_summary(report)
 
 
-def _run_distributed(config: Any, nproc: int) -> dict[str, Any]:
+def _check_combination(given: dict[str, Any], mode: str, nproc_per_node: int) -> None:
+    """Refuse options that cannot go together (``given``: the options typed on the command line)."""
+    if "val_dir" in given and "val_fraction" in given:
+        raise click.UsageError("give --val-dir or --val-fraction, not both")
+    if mode != "linear":
+        return
+    full_only = [k for k in FinetuneConfig.full_only_fields() if k in given]
+    if full_only or nproc_per_node > 1:
+        flag = "--" + (full_only or ["nproc-per-node"])[0].replace("_", "-")
+        raise click.UsageError(
+            f"{flag} applies to --mode full only; the linear probe has no epochs (its head is fitted in one solve)"
+        )
+
+
+def _run_distributed(config: FinetuneConfig, nproc: int) -> dict[str, Any]:
     """Start ``torchrun`` with ``nproc`` processes of ``finetune.train`` on the same options."""
     from models import BackbonesError
 
@@ -198,6 +169,7 @@ def _run_distributed(config: Any, nproc: int) -> dict[str, Any]:
 
 def _print_summary(report: dict[str, Any]) -> None:
     from finetune import summary_lines
+    from finetune.report import CONFUSION_FILENAME, REPORT_FILENAME
 
     if report.get("interrupted"):
         t = report["recipe"]
@@ -208,7 +180,7 @@ def _print_summary(report: dict[str, Any]) -> None:
         return
     for line in summary_lines(report):
         click.echo(line)
-    click.echo(f"  files  {report['version_path']}/report.json, confusion.png")
+    click.echo(f"  files  {report['version_path']}/{REPORT_FILENAME}, {CONFUSION_FILENAME}")
     promotion = report.get("promotion")
     if promotion:
         from finetune import Promotion

@@ -167,6 +167,17 @@ class Checkpoint:
     train_state: TrainState
     frozen: bool
 
+    def check_identity(self, identity: dict[str, Any], run_dir: Path) -> None:
+        """Refuse to resume a run whose ``identity`` (data, labels, options) is not this checkpoint's,
+        naming the first differences."""
+        diff = sorted(k for k in set(self.identity) | set(identity) if self.identity.get(k) != identity.get(k))
+        if diff:
+            shown = "; ".join(f"{k}: {self.identity.get(k)!r} -> {identity.get(k)!r}" for k in diff[:4])
+            raise TrainingError(
+                f"the checkpoint in {run_dir} belongs to a different run ({shown}); resume with the same data "
+                "and options, or run without --resume to start over"
+            )
+
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
     pointer = run_dir / LATEST

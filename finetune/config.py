@@ -1,14 +1,17 @@
-"""Everything one fine-tuning run is asked to do, as one typed object.
+"""Everything one fine-tuning run is asked to do, as one typed object, and the one place its
+defaults are defined.
 
-The CLI maps its options onto :class:`FinetuneConfig`; ``python -m finetune.train`` (the entry point
-``torchrun`` starts once per process) reads the same object from JSON, so a distributed run sees
-exactly the options the user typed.
+The ``backbones finetune`` options are made from these fields (default, limits, help text), and
+``python -m finetune.train`` (the entry point ``torchrun`` starts once per process) reads the same
+object from JSON, so a distributed run sees exactly the options the user typed. Functions of this
+package that take one of these options as a parameter default to the field's value
+(:func:`config_default`).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -18,53 +21,73 @@ from models.registry import Ref, validate_name
 Mode = Literal["linear", "full"]
 Device = Literal["auto", "cpu", "cuda"]
 
-# Full fine-tune defaults, for ImageNet backbones on a few hundred to a few thousand images.
-DEFAULT_EPOCHS = 10
-DEFAULT_LR = 1e-3  # the new head's peak learning rate (AdamW)
-DEFAULT_BACKBONE_LR_SCALE = 0.1  # pretrained layers move 10x slower than the new head
-DEFAULT_BATCH_SIZE = 32
+# AdamW's weight decay in the full fine-tune when ``weight_decay`` is not given (the linear probe
+# chooses its own by cross-validation instead).
+FULL_WEIGHT_DECAY = 0.05
+
+# The key that marks a field of the full recipe only in its ``json_schema_extra``.
+FULL_ONLY = "full_only"
+
+
+def _full_only(default: Any, description: str, **limits: Any) -> Any:
+    """A field the full fine-tune alone reads; ``backbones finetune`` refuses it with --mode linear,
+    whose head is fitted in one solve."""
+    return Field(default=default, description=f"Full: {description}", json_schema_extra={FULL_ONLY: True}, **limits)
 
 
 class FinetuneConfig(BaseModel):
-    """One run's options. Paths are resolved when the run starts."""
+    """One run's options. Paths are resolved when the run starts.
+
+    The defaults suit ImageNet backbones on a few hundred to a few thousand images.
+    """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     data: Path = Field(description="ImageFolder (one sub-folder per class) or CSV manifest (path,label)")
-    backbone: str = Field(description="model reference: catalog name, NAME, NAME:VERSION or NAME@ALIAS")
-    name: str = Field(description="registry name of the new version")
-    mode: Mode = "linear"
-    val_dir: Path | None = Field(default=None, description="validation ImageFolder/CSV; else a split of DATA")
-    val_fraction: float = Field(default=0.2, gt=0.0, lt=1.0)
-    seed: int = 0
-    promote_if_better: str | None = Field(default=None, description="alias to move if the new version is better")
-    batch_size: int = Field(default=DEFAULT_BATCH_SIZE, ge=1, le=4096)
-    top_k: int = Field(default=5, ge=1)
-    imbalance_ratio: float = Field(
-        default=3.0, gt=1.0, description="warn when the largest class has this many times the smallest's images"
+    backbone: str = Field(description="Model to start from: catalog name, NAME, NAME:VERSION or NAME@ALIAS.")
+    name: str = Field(description="Registry name of the new version.")
+    mode: Mode = Field(default="linear", description="linear: new head on frozen features; full: train every layer.")
+    val_dir: Path | None = Field(
+        default=None, description="Validation ImageFolder or CSV (instead of a split of the training data)."
     )
-    workers: int | None = Field(default=None, ge=0, description="decode workers; None = from the cores")
-    # linear probe
-    weight_decay: float | None = Field(
-        default=None, ge=0.0, description="L2 strength; linear: None = chosen by cross-validation on the train split"
-    )
-    # full fine-tune
-    epochs: int = Field(default=DEFAULT_EPOCHS, ge=1)
-    lr: float = Field(default=DEFAULT_LR, gt=0.0)
-    backbone_lr_scale: float = Field(default=DEFAULT_BACKBONE_LR_SCALE, ge=0.0, le=1.0)
-    warmup_epochs: float = Field(default=1.0, ge=0.0)
-    freeze_epochs: int = Field(default=0, ge=0, description="epochs with the backbone frozen (head only) first")
-    patience: int = Field(default=3, ge=1, description="early stopping: epochs without a better val loss")
-    label_smoothing: float = Field(default=0.1, ge=0.0, lt=1.0)
-    device: Device = "auto"
-    amp: bool = Field(default=True, description="mixed precision on CUDA (ignored on the CPU)")
-    resume: bool = False
-    run_dir: Path | None = Field(default=None, description="checkpoints; None = <registry>/backbones/runs/<name>")
-    stop_after_epochs: int | None = Field(
+    val_fraction: float = Field(default=0.2, gt=0, lt=1, description="Share of each class held out for validation.")
+    seed: int = Field(default=0, description="Seed of the split, the initialisation and the augmentation.")
+    promote_if_better: str | None = Field(
         default=None,
-        ge=1,
-        description="stop after this many epochs with the checkpoint written and nothing registered, "
-        "as an interrupted run would (resume later with resume=True)",
+        description="Move NAME@ALIAS to the new version only if it is more accurate on the same validation images.",
+    )
+    batch_size: int = Field(default=32, ge=1, le=4096, description="Images per batch (features, training, evaluation).")
+    top_k: int = Field(default=5, ge=1, description="k of the top-k accuracy in the report.")
+    imbalance_ratio: float = Field(
+        default=3.0, gt=1, description="Warn when the largest class has this many times the images of the smallest."
+    )
+    workers: int | None = Field(
+        default=None, ge=0, description="Image decoding workers (unless given: from the cores)."
+    )
+    weight_decay: float | None = Field(
+        default=None,
+        ge=0,
+        description="Linear: L2 strength (unless given: chosen by cross-validation on the training split); "
+        f"full: AdamW weight decay (unless given: {FULL_WEIGHT_DECAY}).",
+    )
+    # the full fine-tune's recipe
+    epochs: int = _full_only(10, "epochs to train.", ge=1)
+    lr: float = _full_only(1e-3, "peak learning rate of the new head (AdamW).", gt=0)
+    # pretrained layers move slower than the new head
+    backbone_lr_scale: float = _full_only(0.1, "backbone learning rate = lr x this.", ge=0, le=1)
+    warmup_epochs: float = _full_only(1.0, "epochs of linear learning-rate warmup.", ge=0)
+    freeze_epochs: int = _full_only(0, "first epochs with the backbone frozen (the head alone trains).", ge=0)
+    patience: int = _full_only(3, "stop after this many epochs without a better validation loss.", ge=1)
+    label_smoothing: float = _full_only(0.1, "label smoothing of the cross-entropy.", ge=0, lt=1)
+    # device, amp and run_dir: read by the full fine-tune alone, accepted (and unused) with --mode linear
+    device: Device = Field(default="auto", description="Full: the device to train on.")
+    amp: bool = Field(default=True, description="Full: mixed precision on CUDA (ignored on the CPU).")
+    run_dir: Path | None = Field(
+        default=None, description="Full: the run's checkpoints (unless given: $BENTOML_HOME/backbones/runs/NAME)."
+    )
+    resume: bool = _full_only(False, "continue the run interrupted in --run-dir (same data and options).")
+    stop_after_epochs: int | None = _full_only(
+        None, "stop after this epoch with its checkpoint written, registering nothing (continue with --resume).", ge=1
     )
 
     @model_validator(mode="after")
@@ -76,3 +99,23 @@ class FinetuneConfig(BaseModel):
             if self.promote_if_better == "latest":
                 raise RegistryError("'latest' is not an alias (a bare name already means the newest version)")
         return self
+
+    @property
+    def full_weight_decay(self) -> float:
+        """The full fine-tune's AdamW weight decay: ``weight_decay``, else :data:`FULL_WEIGHT_DECAY`."""
+        return FULL_WEIGHT_DECAY if self.weight_decay is None else self.weight_decay
+
+    @classmethod
+    def full_only_fields(cls) -> list[str]:
+        """The fields ``backbones finetune`` refuses with --mode linear."""
+        return [
+            name
+            for name, f in cls.model_fields.items()
+            if isinstance(f.json_schema_extra, dict) and f.json_schema_extra.get(FULL_ONLY)
+        ]
+
+
+def config_default(field: str) -> Any:
+    """The default of one :class:`FinetuneConfig` field (for the parameters of this package's
+    functions that take the same option)."""
+    return FinetuneConfig.model_fields[field].get_default(call_default_factory=True)

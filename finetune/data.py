@@ -28,8 +28,6 @@ from .errors import DatasetError
 
 log = logging.getLogger(__name__)
 
-# The file names an ImageFolder's images may have (the formats models.imaging accepts).
-
 
 @dataclass(frozen=True)
 class Sample:
@@ -79,15 +77,12 @@ class ImageSet:
         return ImageSet(self.source, self.root, self.kind, keep, self.classes, self.unreadable + dropped, self.ignored)
 
 
-sha256_of = sha256_file  # one implementation of file hashing for the project
-
-
 def _inspect(path: Path) -> tuple[str, str] | str:
     """``(sha256, format)`` of a file, or the reason it cannot be an image. Reads the header only."""
     try:
         if path.stat().st_size == 0:
             return "empty file (0 bytes)"
-        digest = sha256_of(path)
+        digest = sha256_file(path)
         with Image.open(path) as img:
             fmt = img.format or "unknown"
     except FileNotFoundError:

@@ -51,7 +51,7 @@ def launched() -> bool:
 
 
 @contextlib.contextmanager
-def process_group(device_choice: str = "auto") -> Iterator[DistContext]:
+def process_group(device_choice: str) -> Iterator[DistContext]:
     """Join the process group when started by torchrun (and leave it on exit); yields the context."""
     device = pick_device(device_choice)
     if not launched():
@@ -106,12 +106,3 @@ def sync_buffers(ctx: DistContext, module: torch.nn.Module) -> None:
     if ctx.distributed:
         for buf in module.buffers():
             dist.broadcast(buf.data, src=0)
-
-
-def broadcast_flag(ctx: DistContext, flag: bool) -> bool:
-    """Rank 0's ``flag`` on every process."""
-    if not ctx.distributed:
-        return flag
-    t = torch.tensor([int(flag)], device=ctx.device)
-    dist.broadcast(t, src=0)
-    return bool(t.item())

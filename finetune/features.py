@@ -32,6 +32,7 @@ from models.registry import sha256_file
 from models.runtime import available_cores
 from models.spec import SPEC_FILENAME
 
+from .config import config_default
 from .data import Sample
 
 log = logging.getLogger(__name__)
@@ -140,9 +141,8 @@ def extract_features(
     *,
     registry: Registry,
     settings: Settings | None = None,
-    batch_size: int = 32,
+    batch_size: int = config_default("batch_size"),
     workers: int | None = None,
-    use_cache: bool = True,
     progress: bool = False,
 ) -> FeatureTable:
     """Features and logits of ``samples`` under ``stored``; images that fail to decode are listed in
@@ -151,8 +151,8 @@ def extract_features(
 
     settings = settings or get_settings()
     start = time.perf_counter()
-    cache = FeatureCache(cache_root(registry), model_key(stored, settings)) if use_cache else None
-    cached, known_bad = cache.load() if cache else ({}, {})
+    cache = FeatureCache(cache_root(registry), model_key(stored, settings))
+    cached, known_bad = cache.load()
     unique: dict[str, Sample] = {}
     for s in samples:
         unique.setdefault(s.sha256, s)
@@ -199,13 +199,12 @@ def extract_features(
                     new_logits.append(out.logits)
                 bar.update(len(batch))
         stats.computed = len(new_shas)
-        if cache:
-            cache.add(
-                new_shas,
-                np.concatenate(new_feats) if new_feats else np.zeros((0, 1), np.float32),
-                np.concatenate(new_logits) if new_logits else np.zeros((0, 1), np.float32),
-                new_failed,
-            )
+        cache.add(
+            new_shas,
+            np.concatenate(new_feats) if new_feats else np.zeros((0, 1), np.float32),
+            np.concatenate(new_logits) if new_logits else np.zeros((0, 1), np.float32),
+            new_failed,
+        )
     else:
         log.info("all %d image(s) have cached features for %s: no feature work", len(unique), stored.tag)
     failed = {sha: why for sha, why in {**known_bad, **new_failed}.items() if sha in unique}

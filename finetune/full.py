@@ -1,67 +1,65 @@
 """Full fine-tune: every layer trains, starting from a registered version's PyTorch weights.
 
-Recipe: AdamW with a linear warmup then a cosine decay (per step); the new head learns at ``lr``,
-the pretrained body at ``lr * backbone_lr_scale``; weight decay on weight matrices and kernels
-only; class-weighted cross-entropy with label smoothing; an optional first phase with the body
-frozen (its BatchNorm layers in eval mode, so their running statistics stay the pretrained ones);
-mixed precision on CUDA (bfloat16 where supported, else float16 with a grad scaler); early stopping
-on the validation loss, keeping the best epoch's weights. One checkpoint per epoch; a resumed run
-continues exactly where the checkpoint left off (same optimizer state, schedule, freeze state, and
-the same random crops, which are seeded per epoch and process). Under torchrun each process trains
-on its shard of every epoch (DistributedDataParallel) and validation is split across processes.
+Recipe (:mod:`finetune.optim`): AdamW with a linear warmup then a cosine decay (per step), the new
+head faster than the pretrained body, class-weighted cross-entropy with label smoothing, an
+optional first phase with the body frozen (its BatchNorm layers in eval mode, so their running
+statistics stay the pretrained ones), mixed precision on CUDA (bfloat16 where supported, else
+float16 with a grad scaler). Early stopping on the validation loss keeps the best epoch's weights.
+One checkpoint per epoch; a resumed run continues exactly where the checkpoint left off (same
+optimizer state, schedule, freeze state, and the same random crops, which are seeded per epoch and
+process). Under torchrun each process trains on its shard of every epoch (DistributedDataParallel)
+and validation is split across processes.
 """
 
 from __future__ import annotations
 
 import copy
 import logging
-import math
 import time
-from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
 
-from models.imaging import decode_image
 from models.networks import Backbone
+from models.preprocess import ImageLoader
 from models.runtime import available_cores
-from models.spec import Preprocess
 
 from . import checkpoint as ckpt
-from .augment import eval_tensor_transform, train_transform
-from .data import Sample
-from .distributed import DistContext, all_reduce_sum, barrier, gather_rows, sync_buffers
+from .config import FinetuneConfig
+from .distributed import DistContext, all_reduce_sum, barrier, sync_buffers
 from .errors import TrainingError
+from .images import decode_workers, evaluate, training_batches
+from .optim import Optimization, seed_epoch, set_frozen, train_mode
+from .split import Split
 
 log = logging.getLogger(__name__)
 
-DEFAULT_WEIGHT_DECAY = 0.05
+# The options that decide what a full fine-tune computes from its data: the report lists them, and
+# every checkpoint records them so that a resume with any of them changed is refused.
+RECIPE_OPTIONS = (
+    "epochs",
+    "lr",
+    "backbone_lr_scale",
+    "weight_decay",
+    "warmup_epochs",
+    "freeze_epochs",
+    "patience",
+    "label_smoothing",
+    "batch_size",
+    "seed",
+    "amp",
+)
 
 
-@dataclass(frozen=True)
-class FullOptions:
-    epochs: int
-    lr: float
-    backbone_lr_scale: float
-    weight_decay: float
-    warmup_epochs: float
-    freeze_epochs: int
-    patience: int
-    label_smoothing: float
-    batch_size: int
-    seed: int
-    amp: bool
-    workers: int | None
-    stop_after_epochs: int | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        return {k: v for k, v in self.__dict__.items() if k not in ("workers", "stop_after_epochs")}
+def recipe_options(config: FinetuneConfig) -> dict[str, Any]:
+    """:data:`RECIPE_OPTIONS` of ``config``, with the weight decay the full fine-tune uses."""
+    return {k: config.full_weight_decay if k == "weight_decay" else getattr(config, k) for k in RECIPE_OPTIONS}
 
 
 @dataclass
@@ -81,314 +79,235 @@ class FullResult:
     details: dict[str, Any] = field(default_factory=dict)
 
 
-class ImageDataset(Dataset[tuple[torch.Tensor, int]]):
-    def __init__(
-        self, samples: Sequence[Sample], targets: np.ndarray, transform: Callable[[Any], torch.Tensor], decode: Any
-    ) -> None:
-        self.paths = [s.path for s in samples]
-        self.targets = [int(t) for t in targets]
-        self.transform = transform
-        self.decode = decode
+class FullTrainer:
+    """One full fine-tune of ``net`` (body pretrained, head new or kept) on ``split``, in steps:
+    :meth:`restore` (resume, or start over), :meth:`run_epoch` until :attr:`done`, then
+    :meth:`result`; :meth:`train` runs exactly that. ``images`` decodes with the parent's
+    preprocessing and the project's decode settings.
 
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        return self.transform(self.decode(self.paths[i])), self.targets[i]
-
-
-def _param_groups(net: Backbone, opts: FullOptions) -> list[dict[str, Any]]:
-    """Four groups, always in this order (a checkpoint's optimizer state maps onto them):
-    body with and without decay, head with and without decay."""
-    groups = []
-    for part, module, lr in (("body", net.body, opts.lr * opts.backbone_lr_scale), ("head", net.head, opts.lr)):
-        decay = [p for p in module.parameters() if p.ndim > 1]
-        no_decay = [p for p in module.parameters() if p.ndim <= 1]
-        groups.append({"name": f"{part}", "params": decay, "lr": lr, "weight_decay": opts.weight_decay})
-        groups.append({"name": f"{part}_no_decay", "params": no_decay, "lr": lr, "weight_decay": 0.0})
-    return groups
-
-
-def lr_factor(step: int, *, warmup: int, total: int) -> float:
-    """Linear warmup over ``warmup`` steps, then a cosine decay to 0 at ``total``."""
-    if warmup and step < warmup:
-        return (step + 1) / warmup
-    span = max(1, total - warmup)
-    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - warmup) / span)))
-
-
-def _set_frozen(net: Backbone, frozen: bool) -> None:
-    for p in net.body.parameters():
-        p.requires_grad_(not frozen)
-
-
-def _train_mode(net: Backbone, frozen: bool) -> None:
-    net.train()
-    if frozen:
-        net.body.eval()  # BatchNorm keeps the pretrained running statistics; dropout is off
-
-
-def _seed_epoch(seed: int, epoch: int, rank: int) -> None:
-    # every epoch draws from its own stream: a resumed run repeats an uninterrupted one
-    torch.manual_seed((seed * 1_000_003 + epoch * 7919 + rank) % (2**63))
-
-
-def _identity(opts: FullOptions, base: dict[str, Any], world_size: int) -> dict[str, Any]:
-    return {**base, **opts.to_dict(), "world_size": world_size}
-
-
-def _autocast(device: torch.device, amp: bool) -> tuple[torch.dtype | None, bool]:
-    """The autocast dtype on CUDA (None: full precision) and whether a grad scaler is needed."""
-    if device.type != "cuda" or not amp:
-        return None, False
-    if torch.cuda.is_bf16_supported():
-        return torch.bfloat16, False
-    return torch.float16, True
-
-
-def evaluate(
-    net: Backbone,
-    samples: Sequence[Sample],
-    targets: np.ndarray,
-    pre: Preprocess,
-    decode: Any,
-    ctx: DistContext,
-    *,
-    batch_size: int,
-    workers: int,
-    amp_dtype: torch.dtype | None,
-) -> np.ndarray:
-    """Logits of ``samples`` (eval transform, no augmentation), in their order; each process
-    computes every ``world_size``-th sample and the rows are gathered on every process."""
-    mine = list(range(ctx.rank, len(samples), ctx.world_size))
-    ds = ImageDataset([samples[i] for i in mine], targets[mine], eval_tensor_transform(pre), decode)
-    loader = DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=workers)
-    net.eval()
-    out: list[torch.Tensor] = []
-    with torch.inference_mode():
-        for x, _ in loader:
-            x = x.to(ctx.device, non_blocking=True)
-            with torch.autocast(ctx.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                logits, _ = net(x)
-            out.append(logits.float().cpu())
-    mine_logits = torch.cat(out) if out else torch.zeros((0, net.num_classes))
-    per_rank = math.ceil(len(samples) / ctx.world_size)
-    gathered = gather_rows(ctx, mine_logits, per_rank)
-    order = [i for r in range(ctx.world_size) for i in range(r, len(samples), ctx.world_size)]
-    result = np.zeros((len(samples), net.num_classes), dtype=np.float32)
-    result[order] = gathered.numpy()
-    return result
-
-
-def train_full(
-    net: Backbone,
-    *,
-    pre: Preprocess,
-    train: Sequence[Sample],
-    train_targets: np.ndarray,
-    val: Sequence[Sample],
-    val_targets: np.ndarray,
-    class_weights: Sequence[float],
-    opts: FullOptions,
-    ctx: DistContext,
-    run_dir: Path,
-    identity: dict[str, Any],
-    resume: bool,
-    max_pixels: int,
-    draft: bool,
-    progress: bool = False,
-) -> FullResult:
-    """Train ``net`` (body pretrained, head new or kept) and return the best epoch's weights.
-
-    ``identity`` (backbone, labels, data fingerprints) is stored with each checkpoint; ``resume``
-    refuses a checkpoint whose identity or options differ, naming the differences.
+    ``identity`` (backbone, labels, data fingerprints) is stored with each checkpoint, with the
+    recipe options and the world size; a resume refuses a checkpoint whose identity differs.
     """
-    from torch.nn.parallel import DistributedDataParallel
-    from tqdm import tqdm
 
-    device = ctx.device
-    amp_dtype, use_scaler = _autocast(device, opts.amp)
-    decode = partial(decode_image, max_pixels=max_pixels, draft_short_side=pre.resize if draft else None)
-    cores = available_cores()
-    workers = opts.workers if opts.workers is not None else min(4, max(0, cores // ctx.world_size - 1))
-    if ctx.world_size > 1 and device.type == "cpu":
-        torch.set_num_threads(max(1, cores // ctx.world_size))
-    full_identity = _identity(opts, identity, ctx.world_size)
-
-    train_ds = ImageDataset(train, train_targets, train_transform(pre), decode)
-    sampler: DistributedSampler[tuple[torch.Tensor, int]] = DistributedSampler(
-        train_ds, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True, seed=opts.seed, drop_last=False
-    )
-    shard = math.ceil(len(train_ds) / ctx.world_size)
-    # a last batch of one image would give BatchNorm a batch statistic of one sample
-    drop_last = shard % opts.batch_size == 1 and shard > opts.batch_size
-    loader = DataLoader(
-        train_ds,
-        batch_size=opts.batch_size,
-        sampler=sampler,
-        num_workers=workers,
-        drop_last=drop_last,
-        pin_memory=device.type == "cuda",
-    )
-    steps_per_epoch = len(loader)
-    total = steps_per_epoch * opts.epochs
-    warmup = min(round(opts.warmup_epochs * steps_per_epoch), total // 2)
-
-    net.to(device)
-    optimizer = torch.optim.AdamW(_param_groups(net, opts))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, partial(lr_factor, warmup=warmup, total=total))
-    scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
-    weights = torch.tensor(list(class_weights), dtype=torch.float32, device=device)
-    criterion = nn.CrossEntropyLoss(weight=weights, label_smoothing=opts.label_smoothing)
-    val_criterion = nn.CrossEntropyLoss(weight=weights.cpu())
-
-    state = ckpt.TrainState()
-    best_state = copy.deepcopy(net.state_dict())
-    resumed_from = 0
-    found = ckpt.latest_checkpoint(run_dir)
-    if resume:
-        if found is None:
-            raise TrainingError(f"no checkpoint to resume in {run_dir}; run again without --resume to start over")
-        saved = ckpt.load_checkpoint(found)
-        diff = sorted(
-            k for k in set(saved.identity) | set(full_identity) if saved.identity.get(k) != full_identity.get(k)
+    def __init__(
+        self,
+        net: Backbone,
+        config: FinetuneConfig,
+        split: Split,
+        images: ImageLoader,
+        ctx: DistContext,
+        *,
+        run_dir: Path,
+        identity: dict[str, Any],
+    ) -> None:
+        self.net, self.config, self.ctx, self.run_dir = net, config, ctx, run_dir
+        self.images = images
+        self.identity = {**identity, **recipe_options(config), "world_size": ctx.world_size}
+        self.workers = decode_workers(config.workers, ctx.world_size)
+        if ctx.world_size > 1 and ctx.device.type == "cpu":
+            torch.set_num_threads(max(1, available_cores() // ctx.world_size))
+        self.val, self.val_targets = split.val, split.targets(split.val)
+        self.batches, self.sampler = training_batches(
+            split.train,
+            split.targets(split.train),
+            images,
+            ctx,
+            batch_size=config.batch_size,
+            seed=config.seed,
+            workers=self.workers,
         )
-        if diff:
-            shown = "; ".join(f"{k}: {saved.identity.get(k)!r} -> {full_identity.get(k)!r}" for k in diff[:4])
-            raise TrainingError(
-                f"the checkpoint in {run_dir} belongs to a different run ({shown}); resume with the same data "
-                "and options, or run without --resume to start over"
-            )
-        net.load_state_dict(saved.model_state)
-        best_state = {k: v.to(device) for k, v in saved.best_state.items()}
-        _set_frozen(net, saved.frozen)
-        optimizer.load_state_dict(saved.optimizer_state)
-        scheduler.load_state_dict(saved.scheduler_state)
-        if saved.scaler_state:
-            scaler.load_state_dict(saved.scaler_state)
-        state = saved.train_state
-        resumed_from = state.epoch
-        log.info("resuming %s after epoch %d of %d", run_dir, state.epoch, opts.epochs)
-    elif found is not None and ctx.is_main:
-        log.warning("starting over: the checkpoint in %s is replaced (pass --resume to continue it)", run_dir)
-        ckpt.clear(run_dir)
-    barrier(ctx)
+        net.to(ctx.device)
+        self.opt = Optimization.build(
+            net, config, split.class_weights(), device=ctx.device, steps_per_epoch=len(self.batches)
+        )
+        self.state = ckpt.TrainState()
+        self.best_state = copy.deepcopy(net.state_dict())
+        self.resumed_from = 0
+        self.stopped_early = self.interrupted = False
+        self._parallel: nn.Module | None = None
+        self._parallel_frozen: bool | None = None
 
-    stopped_early = interrupted = False
-    ddp: nn.Module | None = None
-    ddp_frozen: bool | None = None
-    epoch_bar = tqdm(
-        total=opts.epochs, initial=state.epoch, desc="epochs", unit="ep", disable=not (progress and ctx.is_main)
-    )
-    while state.epoch < opts.epochs:
-        epoch = state.epoch
-        frozen = epoch < opts.freeze_epochs
-        _set_frozen(net, frozen)
-        if ddp is None or ddp_frozen != frozen:
-            # DDP records which parameters need gradients when it is built: rebuild at a phase change
-            ddp = (
-                DistributedDataParallel(net, device_ids=[device] if device.type == "cuda" else None)
-                if ctx.distributed
-                else net
-            )
-            ddp_frozen = frozen
-        _seed_epoch(opts.seed, epoch, ctx.rank)
-        sampler.set_epoch(epoch)
-        _train_mode(net, frozen)
+    @property
+    def done(self) -> bool:
+        return self.state.epoch >= self.config.epochs or self.stopped_early or self.interrupted
+
+    def train(self, progress: bool = False) -> FullResult:
+        """The whole run: restore, epochs until done, the best epoch's weights."""
+        self.restore()
+        show = progress and self.ctx.is_main
+        with tqdm(
+            total=self.config.epochs, initial=self.state.epoch, desc="epochs", unit="ep", disable=not show
+        ) as bar:
+            while not self.done:
+                row = self.run_epoch(progress)
+                bar.update(1)
+                bar.set_postfix(val_acc=f"{row['val_accuracy']:.3f}", val_loss=f"{row['val_loss']:.3f}")
+        return self.result()
+
+    def restore(self) -> None:
+        """Continue the run folder's checkpoint (``config.resume``), or clear it and start over."""
+        found = ckpt.latest_checkpoint(self.run_dir)
+        if self.config.resume:
+            if found is None:
+                raise TrainingError(
+                    f"no checkpoint to resume in {self.run_dir}; run again without --resume to start over"
+                )
+            self._resume(ckpt.load_checkpoint(found))
+        elif found is not None and self.ctx.is_main:
+            log.warning("starting over: the checkpoint in %s is replaced (pass --resume to continue it)", self.run_dir)
+            ckpt.clear(self.run_dir)
+        barrier(self.ctx)
+
+    def _resume(self, saved: ckpt.Checkpoint) -> None:
+        saved.check_identity(self.identity, self.run_dir)
+        self.net.load_state_dict(saved.model_state)
+        self.best_state = {k: v.to(self.ctx.device) for k, v in saved.best_state.items()}
+        set_frozen(self.net, saved.frozen)
+        self.opt.load(saved.optimizer_state, saved.scheduler_state, saved.scaler_state)
+        self.state = saved.train_state
+        self.resumed_from = self.state.epoch
+        log.info("resuming %s after epoch %d of %d", self.run_dir, self.state.epoch, self.config.epochs)
+
+    def run_epoch(self, progress: bool = False) -> dict[str, Any]:
+        """Train one epoch, validate, keep the best weights, write the checkpoint and decide whether
+        to stop; returns the epoch's row of the history."""
+        epoch = self.state.epoch
+        frozen = epoch < self.config.freeze_epochs
         t0 = time.perf_counter()
+        train_loss = self._train(epoch, frozen, progress)
+        val_loss, val_acc = self._validate()
+        self.state.epoch += 1
+        row = self._record(frozen, train_loss, val_loss, val_acc, time.perf_counter() - t0)
+        self._save(frozen)
+        self._decide_stop()
+        return row
+
+    def _model(self, frozen: bool) -> nn.Module:
+        """The network to train this epoch: wrapped in DDP under torchrun."""
+        if self._parallel is None or self._parallel_frozen != frozen:
+            # DDP records which parameters need gradients when it is built: rebuild at a phase change
+            device = self.ctx.device
+            self._parallel = (
+                DistributedDataParallel(self.net, device_ids=[device] if device.type == "cuda" else None)
+                if self.ctx.distributed
+                else self.net
+            )
+            self._parallel_frozen = frozen
+        return self._parallel
+
+    def _train(self, epoch: int, frozen: bool, progress: bool) -> float:
+        """One pass over this process's shard; returns the mean training loss over all processes."""
+        set_frozen(self.net, frozen)
+        model = self._model(frozen)
+        seed_epoch(self.config.seed, epoch, self.ctx.rank)
+        self.sampler.set_epoch(epoch)
+        train_mode(self.net, frozen)
+        device, amp_dtype = self.ctx.device, self.opt.amp_dtype
         loss_sum = torch.zeros(2, dtype=torch.float64)
-        for x, y in tqdm(loader, desc=f"epoch {epoch + 1}", leave=False, disable=not (progress and ctx.is_main)):
+        show = progress and self.ctx.is_main
+        for x, y in tqdm(self.batches, desc=f"epoch {epoch + 1}", leave=False, disable=not show):
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                logits, _ = ddp(x)
-                loss = criterion(logits.float(), y)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()  # type: ignore[no-untyped-call]
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
-            state.step += 1
+                logits, _ = model(x)
+                loss = self.opt.criterion(logits.float(), y)
+            self.opt.step(loss)
+            self.state.step += 1
             loss_sum += torch.tensor([float(loss.detach()) * len(y), len(y)], dtype=torch.float64)
-        totals = all_reduce_sum(ctx, loss_sum)
-        sync_buffers(ctx, net)
-        val_logits = evaluate(
-            net, val, val_targets, pre, decode, ctx, batch_size=opts.batch_size, workers=workers, amp_dtype=amp_dtype
+        totals = all_reduce_sum(self.ctx, loss_sum)
+        sync_buffers(self.ctx, self.net)
+        return float(totals[0]) / max(float(totals[1]), 1.0)
+
+    def _evaluate(self) -> np.ndarray:
+        batch_size, amp_dtype = self.config.batch_size, self.opt.amp_dtype
+        return evaluate(
+            self.net, self.val, self.images, self.ctx, batch_size=batch_size, workers=self.workers, amp_dtype=amp_dtype
         )
-        val_loss = float(val_criterion(torch.from_numpy(val_logits), torch.from_numpy(val_targets)))
-        val_acc = float((val_logits.argmax(1) == val_targets).mean())
-        state.epoch += 1
-        improved = val_loss < state.best_loss - 1e-6
-        if improved:
+
+    def _validate(self) -> tuple[float, float]:
+        """Validation loss (class-weighted, no smoothing) and accuracy."""
+        logits = self._evaluate()
+        loss = float(self.opt.val_criterion(torch.from_numpy(logits), torch.from_numpy(self.val_targets)))
+        return loss, float((logits.argmax(1) == self.val_targets).mean())
+
+    def _record(
+        self, frozen: bool, train_loss: float, val_loss: float, val_acc: float, seconds: float
+    ) -> dict[str, Any]:
+        state = self.state
+        if val_loss < state.best_loss - 1e-6:
             state.best_loss, state.best_epoch, state.epochs_without_improvement = val_loss, state.epoch, 0
-            best_state = copy.deepcopy(net.state_dict())
+            self.best_state = copy.deepcopy(self.net.state_dict())
         else:
             state.epochs_without_improvement += 1
-        groups = {g["name"]: g["lr"] for g in optimizer.param_groups}
-        state.history.append(
-            {
-                "epoch": state.epoch,
-                "frozen": frozen,
-                "train_loss": float(totals[0]) / max(float(totals[1]), 1.0),
-                "val_loss": val_loss,
-                "val_accuracy": val_acc,
-                "lr_head": groups["head"],
-                "lr_backbone": groups["body"],
-                "seconds": time.perf_counter() - t0,
-            }
-        )
-        state.seconds += time.perf_counter() - t0
-        epoch_bar.update(1)
-        epoch_bar.set_postfix(val_acc=f"{val_acc:.3f}", val_loss=f"{val_loss:.3f}")
+        lrs = self.opt.learning_rates()
+        row = {
+            "epoch": state.epoch,
+            "frozen": frozen,
+            "train_loss": train_loss,
+            "val_loss": val_loss,
+            "val_accuracy": val_acc,
+            "lr_head": lrs["head"],
+            "lr_backbone": lrs["body"],
+            "seconds": seconds,
+        }
+        state.history.append(row)
+        state.seconds += seconds
         log.info(
             "epoch %d/%d%s: train loss %.4f, val loss %.4f, val accuracy %.4f",
             state.epoch,
-            opts.epochs,
+            self.config.epochs,
             " (backbone frozen)" if frozen else "",
-            state.history[-1]["train_loss"],
+            train_loss,
             val_loss,
             val_acc,
         )
-        if ctx.is_main:
+        return row
+
+    def _save(self, frozen: bool) -> None:
+        if self.ctx.is_main:
             ckpt.save_checkpoint(
-                run_dir,
-                identity=full_identity,
-                model_state=net.state_dict(),
-                best_state=best_state,
-                optimizer_state=optimizer.state_dict(),
-                scheduler_state=scheduler.state_dict(),
-                scaler_state=scaler.state_dict() if use_scaler else None,
-                train_state=state,
+                self.run_dir,
+                identity=self.identity,
+                model_state=self.net.state_dict(),
+                best_state=self.best_state,
+                **self.opt.state(),
+                train_state=self.state,
                 frozen=frozen,
             )
-        barrier(ctx)
-        if state.epochs_without_improvement >= opts.patience and state.epoch < opts.epochs:
-            log.info("early stop after epoch %d: no better val loss for %d epochs", state.epoch, opts.patience)
-            stopped_early = True
-            break
-        if opts.stop_after_epochs is not None and state.epoch >= opts.stop_after_epochs and state.epoch < opts.epochs:
-            log.warning("stopping after epoch %d as asked; resume with --resume", state.epoch)
-            interrupted = True
-            break
-    epoch_bar.close()
+        barrier(self.ctx)
 
-    net.load_state_dict(best_state)
-    if interrupted:
-        final_logits = np.zeros((0, net.num_classes), np.float32)
-    else:
-        final_logits = evaluate(
-            net, val, val_targets, pre, decode, ctx, batch_size=opts.batch_size, workers=workers, amp_dtype=amp_dtype
+    def _decide_stop(self) -> None:
+        """Early stopping, or the stop asked for by ``stop_after_epochs``, before the last epoch."""
+        state, config = self.state, self.config
+        if state.epoch >= config.epochs:
+            return
+        if state.epochs_without_improvement >= config.patience:
+            log.info("early stop after epoch %d: no better val loss for %d epochs", state.epoch, config.patience)
+            self.stopped_early = True
+        elif config.stop_after_epochs is not None and state.epoch >= config.stop_after_epochs:
+            log.warning("stopping after epoch %d as asked; resume with --resume", state.epoch)
+            self.interrupted = True
+
+    def result(self) -> FullResult:
+        """The best epoch's weights (moved to the CPU) and their validation logits."""
+        self.net.load_state_dict(self.best_state)
+        # an interrupted run registers nothing: no final evaluation
+        val_logits = np.zeros((0, self.net.num_classes), np.float32) if self.interrupted else self._evaluate()
+        self.net.to("cpu").eval()
+        set_frozen(self.net, False)
+        amp_dtype = self.opt.amp_dtype
+        return FullResult(
+            net=self.net,
+            val_logits=val_logits,
+            state=self.state,
+            stopped_early=self.stopped_early,
+            interrupted=self.interrupted,
+            resumed_from_epoch=self.resumed_from,
+            device=str(self.ctx.device),
+            amp_dtype=str(amp_dtype).removeprefix("torch.") if amp_dtype else None,
+            world_size=self.ctx.world_size,
+            details={
+                "steps_per_epoch": len(self.batches),
+                "warmup_steps": self.opt.warmup_steps,
+                "workers": self.workers,
+            },
         )
-    net.to("cpu").eval()
-    _set_frozen(net, False)
-    return FullResult(
-        net=net,
-        val_logits=final_logits,
-        state=state,
-        stopped_early=stopped_early,
-        interrupted=interrupted,
-        resumed_from_epoch=resumed_from,
-        device=str(device),
-        amp_dtype=str(amp_dtype).removeprefix("torch.") if amp_dtype else None,
-        world_size=ctx.world_size,
-        details={"steps_per_epoch": steps_per_epoch, "warmup_steps": warmup, "workers": workers},
-    )

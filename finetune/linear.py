@@ -1,10 +1,10 @@
 """The linear probe's head: multinomial logistic regression on frozen features.
 
 Features are standardized, the weights are fitted by L-BFGS on the whole training split at once
-(a few hundred to a few hundred thousand rows of a few thousand floats: seconds), with an L2
-penalty whose strength is chosen by stratified k-fold cross-validation on the training split only
-(the validation split stays unseen until the final measurement). The standardization is folded
-into the returned weights, so the head applies to raw features: ``logits = features @ W.T + b``.
+(how long that takes: docs/benchmarks.md, Fine-tuning), with an L2 penalty whose strength is
+chosen by stratified k-fold cross-validation on the training split only (the validation split
+stays unseen until the final measurement). The standardization is folded into the returned
+weights, so the head applies to raw features: ``logits = features @ W.T + b``.
 """
 
 from __future__ import annotations
@@ -19,15 +19,19 @@ import numpy as np
 import torch
 import torch.nn.functional as F  # noqa: N812
 
+from .config import config_default
+
 log = logging.getLogger(__name__)
 
 # L2 strengths tried by cross-validation, in units of the mean per-image loss; with standardized
 # features, 1e-3 barely constrains a separable problem and 1.0 nearly flattens the logits.
 WEIGHT_DECAY_GRID = (1e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0)
+# with fewer than two images in some class there is nothing to cross-validate: this strength is used
+FALLBACK_WEIGHT_DECAY = 1e-2
 MAX_FOLDS = 5
 MAX_ITER = 200
-# Below this many feature values the fits are a few milliseconds of work each, and OpenMP threads
-# cost more than they bring (on a busy 2-core machine, 15-50x more: spinning threads fight for cores).
+# Below this many feature values the fits are small, and OpenMP threads cost more than they bring
+# (on a busy machine, spinning threads fight for the cores).
 SINGLE_THREAD_BELOW = 8_000_000
 
 
@@ -104,13 +108,13 @@ def fit_linear_head(
     *,
     class_weights: Sequence[float] | None = None,
     weight_decay: float | None = None,
-    seed: int = 0,
+    seed: int = config_default("seed"),
 ) -> LinearHead:
     """Fit the head on training ``features`` (n, d) and integer ``targets``.
 
     ``weight_decay=None`` picks the L2 strength from :data:`WEIGHT_DECAY_GRID` by the lowest mean
-    cross-validated log loss (``min(5, smallest class size)`` folds; with fewer than two images in
-    some class there is nothing to cross-validate and 1e-2 is used).
+    cross-validated log loss (``min(MAX_FOLDS, smallest class size)`` folds; with fewer than two
+    images in some class, :data:`FALLBACK_WEIGHT_DECAY`).
     """
     threads = 1 if features.size < SINGLE_THREAD_BELOW else torch.get_num_threads()
     with _threads(threads):
@@ -137,7 +141,7 @@ def _fit_head(
     if weight_decay is None:
         k = min(MAX_FOLDS, int(np.bincount(targets, minlength=num_classes).min()))
         if k < 2:
-            weight_decay = 1e-2
+            weight_decay = FALLBACK_WEIGHT_DECAY
             log.info("too few images per class to cross-validate; weight decay %g", weight_decay)
         else:
             folds = _folds(targets, k, seed)

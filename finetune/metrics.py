@@ -9,6 +9,8 @@ import numpy as np
 
 from models.inference import softmax
 
+from .config import config_default
+
 
 def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> np.ndarray:
     """``m[i, j]`` = images of true class i predicted as class j."""
@@ -18,7 +20,7 @@ def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -
 
 
 def classification_report(
-    logits: np.ndarray, y_true: np.ndarray, labels: Sequence[str], *, top_k: int = 5
+    logits: np.ndarray, y_true: np.ndarray, labels: Sequence[str], *, top_k: int = config_default("top_k")
 ) -> dict[str, Any]:
     """Metrics of ``logits`` (n, classes) against integer targets ``y_true``.
 

@@ -12,32 +12,34 @@ from __future__ import annotations
 import logging
 import platform
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from models import Registry, Settings, StoredVersion, get_settings
 from models.export import ensure_version, register_backbone
-from models.networks import Backbone, build_architecture, load_weights
 from models.preprocess import ImageLoader
 from models.runtime import available_cores
-from models.spec import WEIGHTS_FILENAME, Architecture
+from models.spec import Architecture
 
+from . import checkpoint
 from .config import FinetuneConfig
-from .data import ImageSet, check_readable, fingerprint, odd_formats, scan_dataset
+from .data import ImageSet, check_readable, odd_formats, scan_dataset
 from .distributed import DistContext, barrier
 from .errors import TrainingError
-from .features import extract_features
+from .features import FeatureTable, extract_features
 from .metrics import classification_report
 from .promote import Promotion, promote_if_better
-from .report import spec_training, write_report_files
+from .recipes import Trained, fit_linear, train_full_network
+from .report import Timing, data_section, spec_training, write_report_files
 from .split import Split, make_split, precheck
 
 log = logging.getLogger(__name__)
+
+# validation images the export's PyTorch-vs-ONNX check runs on
+VERIFY_IMAGES = 16
 
 
 @dataclass
@@ -49,71 +51,6 @@ class FinetuneResult:
     stored: StoredVersion | None
     promotion: Promotion | None
     interrupted: bool = False
-
-
-def run_dir_for(config: FinetuneConfig, registry: Registry) -> Path:
-    return (config.run_dir or registry.own_dir("runs", config.name)).resolve()
-
-
-def load_parent_network(parent: StoredVersion) -> Backbone:
-    """The parent version as PyTorch: its architecture with its stored weights."""
-    weights = parent.file(WEIGHTS_FILENAME)
-    if not weights.is_file() or WEIGHTS_FILENAME not in parent.spec.files:
-        raise TrainingError(
-            f"{parent.tag} has no {WEIGHTS_FILENAME} to start from; export it again "
-            f"(backbones export {parent.spec.parent.removeprefix('catalog:')}) and fine-tune the new version"
-        )
-    return load_weights(build_architecture(parent.spec.architecture), weights)
-
-
-def _usable(image_set: ImageSet, bad: dict[str, str]) -> ImageSet:
-    return image_set.without(bad) if bad else image_set
-
-
-def _data_section(train_set: ImageSet, val_set: ImageSet | None, split: Split, warnings: list[str]) -> dict[str, Any]:
-    skipped = [u.to_dict() for u in train_set.unreadable] + [
-        {**u.to_dict(), "set": "validation"} for u in (val_set.unreadable if val_set else [])
-    ]
-    used_from_data = split.train + (split.val if val_set is None else [])
-    odd = odd_formats(train_set.samples + (val_set.samples if val_set else []))
-    if odd:
-        shown = ", ".join(s.rel for s in odd[:5])
-        msg = (
-            f"{len(odd)} file(s) are in a format rare in this dataset ({', '.join(sorted({s.format for s in odd}))}): "
-            f"{shown}; placeholders saved by crawlers look like this, have a look at them"
-        )
-        log.warning("%s", msg)
-        warnings.append(msg)
-    formats: dict[str, int] = {}
-    for s in split.train + split.val:
-        formats[s.format] = formats.get(s.format, 0) + 1
-    return {
-        "source": str(train_set.source),
-        "kind": train_set.kind,
-        "val_source": str(val_set.source) if val_set else None,
-        "fingerprint": fingerprint(used_from_data),
-        "train_fingerprint": fingerprint(split.train),
-        "val_fingerprint": fingerprint(split.val),
-        "counts": {"train": split.counts(split.train), "val": split.counts(split.val)},
-        "formats": formats,
-        "skipped": skipped,
-        "removed": split.removed,
-        "ignored_count": len(train_set.ignored) + (len(val_set.ignored) if val_set else 0),
-        "odd_format_files": [s.rel for s in odd],
-    }
-
-
-def _new_network(parent: StoredVersion, labels: list[str], seed: int) -> tuple[Backbone, bool]:
-    """The parent's network with a head for ``labels``: kept when the parent already classifies
-    exactly these labels (fine-tuning a fine-tuned version again), else a new zero head."""
-    net = load_parent_network(parent)
-    if list(parent.spec.labels) == labels:
-        return net, True
-    torch.manual_seed(seed)
-    net.replace_head(len(labels))
-    torch.nn.init.zeros_(net.head.weight)  # start from uniform predictions: no random bias at step 0
-    torch.nn.init.zeros_(net.head.bias)
-    return net, False
 
 
 def finetune(
@@ -129,227 +66,216 @@ def finetune(
     Raises :class:`~finetune.errors.DatasetError` / :class:`~finetune.errors.TrainingError` (and the
     registry's errors) with what to fix; nothing is registered then.
     """
-    settings = settings or get_settings()
-    registry = registry or Registry(settings=settings)
-    ctx = ctx or DistContext()
-    if config.mode == "linear" and ctx.distributed:
-        raise TrainingError("the linear probe runs in one process; start it without torchrun (or use --mode full)")
-    t_start = time.perf_counter()
-    timing: dict[str, float] = {}
-    warnings: list[str] = []
-    cores = available_cores()
+    run = FinetuneRun(config, registry=registry, settings=settings, ctx=ctx)
+    train_set, val_set = run.scan()
+    parent = run.parent_version()
+    table, train_set, val_set = run.decode_once(parent, train_set, val_set, progress=progress)
+    split, report = run.split(parent, train_set, val_set)
+    trained = run.train(parent, split, table, report, progress=progress)
+    report["warnings"] = run.warnings
+    report["environment"] = environment(run.cores)
+    if trained.interrupted:
+        report["timing"] = {**run.timing.seconds, "total": run.timing.elapsed()}
+        report["interrupted"] = True
+        return FinetuneResult(report=report, stored=None, promotion=None, interrupted=True)
 
-    t = time.perf_counter()
-    train_set = scan_dataset(config.data, workers=cores)
-    val_set = scan_dataset(config.val_dir, workers=cores) if config.val_dir else None
-    precheck(train_set)
-    timing["scan"] = time.perf_counter() - t
-    t = time.perf_counter()
-    # one process exports a catalog model on first use; the others then find it registered
-    parent = ensure_version(config.backbone, registry) if ctx.is_main else None
-    barrier(ctx)
-    if parent is None:
-        parent = ensure_version(config.backbone, registry)
-    timing["backbone"] = time.perf_counter() - t
-
-    every = train_set.samples + (val_set.samples if val_set else [])
-
-    t = time.perf_counter()
-    table = None
-    if config.mode == "linear":
-        # the feature pass decodes every new image anyway: it is the readability check too
-        table = extract_features(
-            parent,
-            every,
-            registry=registry,
-            settings=settings,
-            batch_size=config.batch_size,
-            workers=config.workers,
-            progress=progress,
-        )
-        bad = table.failed
-        timing["features"] = time.perf_counter() - t
-    else:
-        loader = ImageLoader(
-            parent.spec.preprocess, max_pixels=settings.max_image_pixels, draft=settings.draft_decoding
-        )
-        bad = check_readable(every, loader.decode, workers=config.workers or cores)
-        timing["readability"] = time.perf_counter() - t
-    train_set, val_set = _usable(train_set, bad), (_usable(val_set, bad) if val_set else None)
-    for u in train_set.unreadable + (val_set.unreadable if val_set else []):
-        log.warning("skipping %s: %s", u.rel, u.reason)
-    n_skipped = len(train_set.unreadable) + (len(val_set.unreadable) if val_set else 0)
-    if n_skipped:
-        msg = f"{n_skipped} unreadable file(s) skipped (listed in the report)"
-        log.warning("%s", msg)
-        warnings.append(msg)
-
-    split = make_split(
-        train_set, val_set, val_fraction=config.val_fraction, seed=config.seed, imbalance_ratio=config.imbalance_ratio
+    report["metrics"] = classification_report(
+        trained.val_logits, split.targets(split.val), split.labels, top_k=config.top_k
     )
-    warnings.extend(split.warnings)
-    labels = split.labels
-    y_train, y_val = split.targets(split.train), split.targets(split.val)
-    data = _data_section(train_set, val_set, split, warnings)
-    class_weights = split.class_weights()
-    report: dict[str, Any] = {
-        "name": config.name,
-        "mode": config.mode,
-        "backbone": parent.tag,
-        "labels": labels,
-        "data": data,
-        "split": {
-            "seed": config.seed,
-            "val_fraction": split.val_fraction,
-            "val_dir": str(config.val_dir) if config.val_dir else None,
-        },
-        "class_weights": dict(zip(labels, class_weights, strict=True)),
-    }
+    if not run.ctx.is_main:
+        return FinetuneResult(report=report, stored=None, promotion=None)
+    stored = run.register(parent, trained, split, report)
+    promotion = run.promote(stored, split)
+    run.finish(report, stored, promotion)
+    return FinetuneResult(report=report, stored=stored, promotion=promotion)
 
-    t = time.perf_counter()
-    if config.mode == "linear":
-        from .linear import fit_linear_head
 
-        assert table is not None
-        x_train, _ = table.rows(split.train)
-        x_val, _ = table.rows(split.val)
-        head = fit_linear_head(
-            x_train,
-            y_train,
-            len(labels),
-            class_weights=class_weights,
-            weight_decay=config.weight_decay,
-            seed=config.seed,
-        )
-        val_logits = head.logits(x_val).astype(np.float32)
-        timing["fit"] = time.perf_counter() - t
-        t = time.perf_counter()
-        net = load_parent_network(parent)
-        net.replace_head(len(labels))
-        with torch.no_grad():
-            net.head.weight.copy_(torch.from_numpy(head.weight))
-            net.head.bias.copy_(torch.from_numpy(head.bias))
-        net.eval()
-        report["recipe"] = {
-            "description": "linear probe: logistic regression (L-BFGS) on frozen features",
-            **head.summary(),
-        }
-        report["features"] = table.stats.to_dict()
-        timing["rebuild"] = time.perf_counter() - t  # the parent as PyTorch, with the new head
-        interrupted = False
-    else:
-        from .full import DEFAULT_WEIGHT_DECAY, FullOptions, train_full
-
-        net, kept_head = _new_network(parent, labels, config.seed)
-        opts = FullOptions(
-            epochs=config.epochs,
-            lr=config.lr,
-            backbone_lr_scale=config.backbone_lr_scale,
-            weight_decay=config.weight_decay if config.weight_decay is not None else DEFAULT_WEIGHT_DECAY,
-            warmup_epochs=config.warmup_epochs,
-            freeze_epochs=config.freeze_epochs,
-            patience=config.patience,
-            label_smoothing=config.label_smoothing,
-            batch_size=config.batch_size,
-            seed=config.seed,
-            amp=config.amp,
-            workers=config.workers,
-            stop_after_epochs=config.stop_after_epochs,
-        )
-        run_dir = run_dir_for(config, registry)
-        result = train_full(
-            net,
-            pre=parent.spec.preprocess,
-            train=split.train,
-            train_targets=y_train,
-            val=split.val,
-            val_targets=y_val,
-            class_weights=class_weights,
-            opts=opts,
-            ctx=ctx,
-            run_dir=run_dir,
-            identity={
-                "backbone": parent.tag,
-                "labels": labels,
-                "train_fingerprint": data["train_fingerprint"],
-                "val_fingerprint": data["val_fingerprint"],
-            },
-            resume=config.resume,
-            max_pixels=settings.max_image_pixels,
-            draft=settings.draft_decoding,
-            progress=progress,
-        )
-        net, val_logits, interrupted = result.net, result.val_logits, result.interrupted
-        report["recipe"] = {
-            "description": "full fine-tune: AdamW, warmup + cosine, class-weighted cross-entropy",
-            "options": opts.to_dict(),
-            "kept_parent_head": kept_head,
-            "epochs_run": result.state.epoch,
-            "best_epoch": result.state.best_epoch,
-            "stopped_early": result.stopped_early,
-            "resumed_from_epoch": result.resumed_from_epoch,
-            "device": result.device,
-            "amp_dtype": result.amp_dtype,
-            "world_size": result.world_size,
-            "history": result.state.history,
-            "train_seconds_all_sessions": result.state.seconds,
-            **result.details,
-            "run_dir": str(run_dir),
-        }
-        timing["train"] = time.perf_counter() - t
-    report["warnings"] = warnings
-    report["environment"] = {
+def environment(cores: int) -> dict[str, Any]:
+    """The report's ``environment`` section."""
+    return {
         "python": platform.python_version(),
         "torch": torch.__version__,
         "cores": cores,
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
     }
 
-    if interrupted:
-        report["timing"] = {**timing, "total": time.perf_counter() - t_start}
-        report["interrupted"] = True
-        return FinetuneResult(report=report, stored=None, promotion=None, interrupted=True)
 
-    report["metrics"] = classification_report(val_logits, y_val, labels, top_k=config.top_k)
-    if not ctx.is_main:
-        return FinetuneResult(report=report, stored=None, promotion=None)
+class FinetuneRun:
+    """The steps of one run (see :func:`finetune` for their order), sharing its config, registry,
+    settings and process context, the warnings for the report and the time each step took."""
 
-    report["timing"] = {**timing, "before_export": time.perf_counter() - t_start}
-    t = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="backbones-report-") as tmp:
-        files = write_report_files(report, Path(tmp))
-        parent_arch = parent.spec.architecture
-        stored = register_backbone(
-            net,
-            registry=registry,
-            name=config.name,
-            preprocess=parent.spec.preprocess,
-            labels=labels,
-            parent=parent.tag,
-            architecture=Architecture(family=parent_arch.family, name=parent_arch.name, num_classes=len(labels)),
-            source={"finetune": config.mode, "backbone": parent.tag},
-            training=spec_training(report),
-            verify_sources=[s.path for s in split.val[:16]],
-            extra_files=files,
+    def __init__(
+        self,
+        config: FinetuneConfig,
+        *,
+        registry: Registry | None = None,
+        settings: Settings | None = None,
+        ctx: DistContext | None = None,
+    ) -> None:
+        self.config = config
+        self.settings = settings or get_settings()
+        self.registry = registry or Registry(settings=self.settings)
+        self.ctx = ctx or DistContext()
+        if config.mode == "linear" and self.ctx.distributed:
+            raise TrainingError("the linear probe runs in one process; start it without torchrun (or use --mode full)")
+        self.run_dir = (config.run_dir or self.registry.own_dir("runs", config.name)).resolve()
+        self.timing = Timing()
+        self.warnings: list[str] = []
+        self.cores = available_cores()
+
+    def warn(self, message: str) -> None:
+        log.warning("%s", message)
+        self.warnings.append(message)
+
+    def images(self, parent: StoredVersion) -> ImageLoader:
+        """Decoding with the parent's preprocessing and the project's decode settings."""
+        s = self.settings
+        return ImageLoader(parent.spec.preprocess, max_pixels=s.max_image_pixels, draft=s.draft_decoding)
+
+    def scan(self) -> tuple[ImageSet, ImageSet | None]:
+        """The training and validation sets as listed (nothing decoded yet), and the checks that
+        need no decoding, so that a wrong folder fails before any model is loaded."""
+        c = self.config
+        with self.timing.phase("scan"):
+            train_set = scan_dataset(c.data, workers=self.cores)
+            val_set = scan_dataset(c.val_dir, workers=self.cores) if c.val_dir else None
+            precheck(train_set)
+        return train_set, val_set
+
+    def parent_version(self) -> StoredVersion:
+        """The backbone to start from; one process exports a catalog model on first use, the
+        others then find it registered."""
+        with self.timing.phase("backbone"):
+            parent = ensure_version(self.config.backbone, self.registry) if self.ctx.is_main else None
+            barrier(self.ctx)
+            return parent or ensure_version(self.config.backbone, self.registry)
+
+    def decode_once(
+        self, parent: StoredVersion, train_set: ImageSet, val_set: ImageSet | None, *, progress: bool
+    ) -> tuple[FeatureTable | None, ImageSet, ImageSet | None]:
+        """Decode every image once and set aside those that fail: the linear probe's feature pass
+        (which returns the features) or the full fine-tune's readability pass."""
+        every = train_set.samples + (val_set.samples if val_set else [])
+        table = None
+        if self.config.mode == "linear":
+            # the feature pass decodes every new image anyway: it is the readability check too
+            with self.timing.phase("features"):
+                table = extract_features(
+                    parent,
+                    every,
+                    registry=self.registry,
+                    settings=self.settings,
+                    batch_size=self.config.batch_size,
+                    workers=self.config.workers,
+                    progress=progress,
+                )
+            bad = table.failed
+        else:
+            with self.timing.phase("readability"):
+                bad = check_readable(every, self.images(parent).decode, workers=self.config.workers or self.cores)
+        train_set, val_set = train_set.without(bad), (val_set.without(bad) if val_set else None)
+        unreadable = train_set.unreadable + (val_set.unreadable if val_set else [])
+        for u in unreadable:
+            log.warning("skipping %s: %s", u.rel, u.reason)
+        if unreadable:
+            self.warn(f"{len(unreadable)} unreadable file(s) skipped (listed in the report)")
+        return table, train_set, val_set
+
+    def split(
+        self, parent: StoredVersion, train_set: ImageSet, val_set: ImageSet | None
+    ) -> tuple[Split, dict[str, Any]]:
+        """The checked split, and the report's sections on the run and its data."""
+        c = self.config
+        split = make_split(
+            train_set, val_set, val_fraction=c.val_fraction, seed=c.seed, imbalance_ratio=c.imbalance_ratio
         )
-    timing["export"] = time.perf_counter() - t
-    log.info("registered %s", stored.tag)
+        self.warnings.extend(split.warnings)
+        odd = odd_formats(train_set.samples + (val_set.samples if val_set else []))
+        if odd:
+            formats = ", ".join(sorted({s.format for s in odd}))
+            self.warn(
+                f"{len(odd)} file(s) are in a format rare in this dataset ({formats}): "
+                f"{', '.join(s.rel for s in odd[:5])}; placeholders saved by crawlers look like this, have a look at them"
+            )
+        report: dict[str, Any] = {
+            "name": c.name,
+            "mode": c.mode,
+            "backbone": parent.tag,
+            "labels": split.labels,
+            "data": data_section(train_set, val_set, split, odd),
+            "split": {
+                "seed": c.seed,
+                "val_fraction": split.val_fraction,
+                "val_dir": str(c.val_dir) if c.val_dir else None,
+            },
+            "class_weights": dict(zip(split.labels, split.class_weights(), strict=True)),
+        }
+        return split, report
 
-    promotion = None
-    if config.promote_if_better:
-        t = time.perf_counter()
-        promotion = promote_if_better(
-            registry, stored, config.promote_if_better, split.val, settings=settings, batch_size=config.batch_size
-        )
-        timing["promotion"] = time.perf_counter() - t
+    def train(
+        self, parent: StoredVersion, split: Split, table: FeatureTable | None, report: dict[str, Any], *, progress: bool
+    ) -> Trained:
+        """The recipe of ``config.mode``; adds its sections to ``report``."""
+        if self.config.mode == "linear":
+            assert table is not None
+            trained = fit_linear(self.config, parent, table, split, self.timing)
+            report["recipe"] = trained.recipe
+            report["features"] = table.stats.to_dict()
+            return trained
+        with self.timing.phase("train"):
+            trained = train_full_network(
+                self.config,
+                parent,
+                split,
+                self.images(parent),
+                self.ctx,
+                run_dir=self.run_dir,
+                data=report["data"],
+                progress=progress,
+            )
+            report["recipe"] = trained.recipe
+        return trained
+
+    def register(self, parent: StoredVersion, trained: Trained, split: Split, report: dict[str, Any]) -> StoredVersion:
+        """Export, verify and register the new version with its report files."""
+        report["timing"] = {**self.timing.seconds, "before_export": self.timing.elapsed()}
+        arch = parent.spec.architecture
+        with self.timing.phase("export"), tempfile.TemporaryDirectory(prefix="backbones-report-") as tmp:
+            files = write_report_files(report, Path(tmp))
+            stored = register_backbone(
+                trained.net,
+                registry=self.registry,
+                name=self.config.name,
+                preprocess=parent.spec.preprocess,
+                labels=split.labels,
+                parent=parent.tag,
+                architecture=Architecture(family=arch.family, name=arch.name, num_classes=len(split.labels)),
+                source={"finetune": self.config.mode, "backbone": parent.tag},
+                training=spec_training(report),
+                verify_sources=[s.path for s in split.val[:VERIFY_IMAGES]],
+                extra_files=files,
+            )
+        log.info("registered %s", stored.tag)
+        return stored
+
+    def promote(self, stored: StoredVersion, split: Split) -> Promotion | None:
+        """Move ``config.promote_if_better`` to ``stored`` if it is better on the same validation images."""
+        alias = self.config.promote_if_better
+        if not alias:
+            return None
+        with self.timing.phase("promotion"):
+            promotion = promote_if_better(
+                self.registry, stored, alias, split.val, settings=self.settings, batch_size=self.config.batch_size
+            )
         log.info("%s", promotion.line())
-    if config.mode == "full":
-        from . import checkpoint
+        return promotion
 
-        checkpoint.clear(run_dir_for(config, registry))
-    timing["total"] = time.perf_counter() - t_start
-    report["timing"] = timing
-    report["model"] = stored.tag
-    report["version_path"] = str(stored.path)
-    report["promotion"] = promotion.to_dict() if promotion else None
-    return FinetuneResult(report=report, stored=stored, promotion=promotion)
+    def finish(self, report: dict[str, Any], stored: StoredVersion, promotion: Promotion | None) -> None:
+        """Clear the registered run's checkpoints and complete the report."""
+        if self.config.mode == "full":
+            checkpoint.clear(self.run_dir)
+        self.timing.seconds["total"] = self.timing.elapsed()
+        report["timing"] = self.timing.seconds
+        report["model"] = stored.tag
+        report["version_path"] = str(stored.path)
+        report["promotion"] = promotion.to_dict() if promotion else None

@@ -20,6 +20,7 @@ import numpy as np
 
 from models import BackbonesError, Registry, Settings, StoredVersion, UnknownModelError
 
+from .config import config_default
 from .data import Sample
 from .features import extract_features
 
@@ -55,7 +56,7 @@ def version_accuracy(
     *,
     registry: Registry,
     settings: Settings | None = None,
-    batch_size: int = 32,
+    batch_size: int = config_default("batch_size"),
 ) -> float:
     """Accuracy of ``stored`` on ``samples`` (true labels by name), compared by label name so that
     a version whose classes are in another order is judged fairly."""
@@ -76,7 +77,7 @@ def promote_if_better(
     val: Sequence[Sample],
     *,
     settings: Settings | None = None,
-    batch_size: int = 32,
+    batch_size: int = config_default("batch_size"),
 ) -> Promotion:
     """Evaluate ``new`` and the version ``<name>@<alias>`` on ``val``; move the alias only if the new
     version's accuracy is strictly higher (or the alias does not exist yet)."""

@@ -7,12 +7,17 @@ The report is stored with the version twice: its headline figures and provenance
 
 from __future__ import annotations
 
+import contextlib
 import json
-from collections.abc import Sequence
+import time
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 from PIL import Image, ImageDraw, ImageFont
+
+from .data import ImageSet, Sample, fingerprint
+from .split import Split
 
 REPORT_FILENAME = "report.json"
 CONFUSION_FILENAME = "confusion.png"
@@ -20,6 +25,50 @@ CONFUSION_FILENAME = "confusion.png"
 # Beyond this many classes the confusion matrix stays in report.json only (spec.json stays small).
 SPEC_CONFUSION_MAX_CLASSES = 50
 _MAX_SIDE = 1600  # pixels of the matrix itself; beyond ~100 classes the cells shrink below 16 px
+
+
+class Timing:
+    """The report's ``timing`` section: seconds per phase of a run, in the order they ran."""
+
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+        self.seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        t = time.perf_counter()
+        yield
+        self.seconds[name] = time.perf_counter() - t
+
+    def elapsed(self) -> float:
+        """Seconds since the run started."""
+        return time.perf_counter() - self.start
+
+
+def data_section(train_set: ImageSet, val_set: ImageSet | None, split: Split, odd: Sequence[Sample]) -> dict[str, Any]:
+    """The report's ``data`` section: where the images came from, their fingerprints and counts,
+    and what was left out and why (``odd``: the files in a rare format)."""
+    skipped = [u.to_dict() for u in train_set.unreadable] + [
+        {**u.to_dict(), "set": "validation"} for u in (val_set.unreadable if val_set else [])
+    ]
+    used_from_data = split.train + (split.val if val_set is None else [])
+    formats: dict[str, int] = {}
+    for s in split.train + split.val:
+        formats[s.format] = formats.get(s.format, 0) + 1
+    return {
+        "source": str(train_set.source),
+        "kind": train_set.kind,
+        "val_source": str(val_set.source) if val_set else None,
+        "fingerprint": fingerprint(used_from_data),
+        "train_fingerprint": fingerprint(split.train),
+        "val_fingerprint": fingerprint(split.val),
+        "counts": {"train": split.counts(split.train), "val": split.counts(split.val)},
+        "formats": formats,
+        "skipped": skipped,
+        "removed": split.removed,
+        "ignored_count": len(train_set.ignored) + (len(val_set.ignored) if val_set else 0),
+        "odd_format_files": [s.rel for s in odd],
+    }
 
 
 def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:

@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .data import ImageSet, Sample, fingerprint
+from .config import config_default
+from .data import ImageSet, Sample
 from .errors import DatasetError
 
 log = logging.getLogger(__name__)
@@ -49,9 +50,6 @@ class Split:
         counts = self.counts(self.train)
         n, k = len(self.train), len(self.labels)
         return [n / (k * counts[label]) for label in self.labels]
-
-    def fingerprints(self) -> dict[str, str]:
-        return {"train": fingerprint(self.train), "val": fingerprint(self.val)}
 
 
 def _warn(warnings: list[str], message: str) -> None:
@@ -147,9 +145,9 @@ def make_split(
     train_set: ImageSet,
     val_set: ImageSet | None = None,
     *,
-    val_fraction: float = 0.2,
-    seed: int = 0,
-    imbalance_ratio: float = 3.0,
+    val_fraction: float = config_default("val_fraction"),
+    seed: int = config_default("seed"),
+    imbalance_ratio: float = config_default("imbalance_ratio"),
 ) -> Split:
     """Check ``train_set`` (and ``val_set``) and split them; raises :class:`DatasetError` with what
     to fix when the data cannot be used."""

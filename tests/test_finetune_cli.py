@@ -3,14 +3,22 @@ takes (fine-tune, then classify with the new version), click's runner for usage 
 
 from __future__ import annotations
 
+import ast
 import json
+import re
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import click
 import pytest
 from click.testing import CliRunner
 
+from cli.finetune import finetune_cmd
 from cli.main import cli
+from finetune import FinetuneConfig
+from tests.conftest import ROOT
 from tests.test_finetune_support import color_image, json_lines, make_dataset
 
 
@@ -85,6 +93,9 @@ def test_the_terminal_summary_and_show(home: Path, tmp_path: Path) -> None:
         (["--val-dir", "{data}", "--val-fraction", "0.3"], "not both"),
         (["--epochs", "3"], "--epochs applies to --mode full only"),
         (["--resume"], "--resume applies to --mode full only"),
+        # typed, even at the config's own value, is typed
+        (["--warmup-epochs", "1"], "--warmup-epochs applies to --mode full only"),
+        (["--nproc-per-node", "2"], "--nproc-per-node applies to --mode full only"),
         (["--val-fraction", "1.5"], "1.5 is not in the range"),
         (["--mode", "fast"], "'fast' is not one of"),
     ],
@@ -102,3 +113,51 @@ def test_a_bad_name_is_one_line_before_any_work(tmp_path: Path) -> None:
     result = CliRunner().invoke(cli, ["finetune", str(data), "--backbone", "tiny_cnn", "--name", "Bad Name"])
     assert result.exit_code == 1
     assert "error: invalid model name 'Bad Name'" in result.output
+
+
+NUMBER = re.compile(r"\d+(?:\.\d+)?(?:e-?\d+)?")
+
+
+def test_every_config_option_takes_its_default_limits_and_help_from_the_config() -> None:
+    """FinetuneConfig is the one place the defaults live: an option of a config field whose default,
+    help or shown default states a number of its own (a default typed into the CLI again) fails."""
+    options = {p.name: p for p in finetune_cmd.params if isinstance(p, click.Option)}
+    fields = {k: f for k, f in FinetuneConfig.model_fields.items() if k != "data"}
+    assert set(fields) <= set(options)
+    ctx = click.Context(finetune_cmd)
+    for name, field in fields.items():
+        option = options[name]
+        assert option.help == field.description, name
+        if field.is_required():
+            assert option.required, name
+            continue
+        assert option.default == field.default, name
+        record = option.get_help_record(ctx)
+        assert record is not None
+        help_text = record[1]
+        if field.default is not None and field.annotation is not bool:
+            assert f"default: {field.default}" in help_text, name
+        own = f"{field.description} {field.default} {' '.join(map(str, field.metadata))}"
+        assert set(NUMBER.findall(help_text)) <= set(NUMBER.findall(own)), (name, help_text)
+
+
+def test_no_option_of_a_config_field_is_declared_by_hand() -> None:
+    source = ROOT / "cli" / "finetune.py"
+    flags = {"--" + k.replace("_", "-") for k in FinetuneConfig.model_fields}
+    typed = [
+        node.args[0].value
+        for node in ast.walk(ast.parse(source.read_text()))
+        if isinstance(node, ast.Call)
+        and isinstance(node.func, ast.Attribute)
+        and node.func.attr == "option"
+        and node.args
+        and isinstance(node.args[0], ast.Constant)
+    ]
+    assert "--nproc-per-node" in typed  # the check sees the options that are declared by hand
+    assert not flags & {str(t).split("/")[0] for t in typed}
+
+
+def test_the_cli_does_not_import_torch_to_build_its_options() -> None:
+    code = "import sys, cli.main; print('torch' in sys.modules)"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert proc.stdout.strip() == "False"

@@ -15,6 +15,8 @@ from safetensors.numpy import load_file
 
 from finetune import TrainingError, finetune
 from finetune.checkpoint import latest_checkpoint
+from finetune.config import FULL_WEIGHT_DECAY
+from finetune.full import recipe_options
 from models import Registry, StoredVersion
 from models.export import export_catalog
 from models.spec import WEIGHTS_FILENAME
@@ -93,6 +95,13 @@ def test_early_stopping_keeps_the_best_epoch(tmp_path: Path, reg: Registry, colo
     assert recipe["stopped_early"] is True
     assert recipe["epochs_run"] == 2 and recipe["best_epoch"] == 1
     assert len(recipe["history"]) == 2 and result.stored is not None
+
+
+def test_the_recipe_options_are_the_configs_with_the_weight_decay_it_trains_with(colors: Path) -> None:
+    options = recipe_options(config(colors, "opts", **FULL))
+    assert options["lr"] == FULL["lr"] and options["batch_size"] == 8
+    assert options["weight_decay"] == FULL_WEIGHT_DECAY  # not given: the full fine-tune's own default
+    assert recipe_options(config(colors, "opts", weight_decay=0.0, **FULL))["weight_decay"] == 0.0  # given: kept
 
 
 def test_resume_without_a_checkpoint_says_so(tmp_path: Path, reg: Registry, colors: Path) -> None:
