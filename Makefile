@@ -4,7 +4,8 @@ SHELL := /bin/bash
 PYTHON ?= python3
 UV := $(shell command -v uv 2>/dev/null || echo "$(PYTHON) -m uv")
 PYTEST_ARGS ?=
-PORT ?= 3000
+# empty: BentoML's port (BENTOML_PORT, else its configuration's)
+PORT ?=
 
 .PHONY: install test lint typecheck pytest serve bench fuzz clean
 
@@ -29,7 +30,7 @@ test: lint typecheck pytest
 
 # Serves efficientnet_lite0 (weights bundled: works offline) unless BACKBONES_SERVE_MODELS says otherwise.
 serve: install
-	$(UV) run --frozen backbones serve --port $(PORT)
+	$(UV) run --frozen backbones serve $(if $(PORT),--port $(PORT))
 
 # Every benchmark, one after the other (about half an hour on 2 cores; needs ../shared/data).
 bench: install

@@ -54,15 +54,42 @@ def settings_problem(error: ValidationError) -> str:
     """One line naming each bad environment variable, its value and what it must be."""
     from models import Settings
 
-    prefix = Settings.model_config.get("env_prefix", "")
     problems = []
     for item in error.errors():
         field = str(item["loc"][0]) if item["loc"] else ""
-        info = Settings.model_fields.get(field)
-        alias = info.validation_alias if info is not None else None
-        env = alias if isinstance(alias, str) else f"{prefix}{field}".upper() if info is not None else field
+        env = Settings.env_name(field) if field in Settings.model_fields else field
         problems.append(f"{env}={item.get('input')!r}: {item['msg'].lower()}")
     return f"bad setting {'; '.join(problems)} (see the README's Configuration table)"
+
+
+class SettingOption(click.Option):
+    """An option mapped onto a setting (``setting=`` its field): left out, the setting decides (its
+    environment variable, else its default). The help is the setting's description unless given,
+    and the default shown is read from the setting, so neither is written twice."""
+
+    def __init__(self, *args: Any, setting: str, **kwargs: Any) -> None:
+        from models.settings import Settings
+
+        info = Settings.model_fields[setting]
+        kwargs.setdefault("help", info.description)
+        kwargs.update(default=None, show_default=f"{Settings.env_name(setting)}, else {info.default}")
+        super().__init__(*args, **kwargs)
+        self.setting = setting
+
+
+class Deferred:
+    """An option's default read from where it is defined, only when needed: when the option is left
+    out, or when ``--help`` shows it (click prints ``str()`` of a default that is not a function).
+    For defaults whose home is costly to import (PyTorch) on every start of the CLI."""
+
+    def __init__(self, read: Callable[[], Any]) -> None:
+        self._read = read
+
+    def __call__(self) -> Any:
+        return self._read()
+
+    def __str__(self) -> str:
+        return str(self._read())
 
 
 def echo_json(obj: Any) -> None:

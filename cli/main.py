@@ -3,7 +3,6 @@ progress go to stderr; exit code 0 = everything worked, 1 = something failed, 2 
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
 from collections.abc import Callable
@@ -13,10 +12,13 @@ from typing import Any
 import click
 
 from models.imaging import image_paths
+from models.inference import DEFAULT_TOP_K
 
-from .common import echo_json, handle_errors, open_registry
+from .common import Deferred, SettingOption, echo_json, handle_errors, open_registry
 from .embed import embed_cmd
 from .finetune import finetune_cmd
+from .registry import models_group
+from .serve import serve_cmd
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -34,191 +36,20 @@ def cli(verbose: int) -> None:
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
 
 
-# -- models -------------------------------------------------------------------------------
-
-
-@cli.group()
-def models() -> None:
-    """The catalog of pretrained models and the registry of exported versions."""
-
-
-@models.command("catalog")
-@click.option("--json", "as_json", is_flag=True, help="Print a JSON array instead of a table.")
-@handle_errors
-def models_catalog(as_json: bool) -> None:
-    """Pretrained models that can be exported, where their weights come from, and which work
-    offline (bundled weights, or weights already in the local cache)."""
-    from models import catalog
-    from models.weights import available, cache_path
-
-    rows: list[dict[str, Any]] = []
-    for e in catalog():
-        rows.append(
-            {
-                "name": e.name,
-                "family": e.family,
-                "weights": e.weights,
-                "feature_dim": e.feature_dim,
-                "num_classes": e.num_classes,
-                "preprocess": e.preprocess.to_dict(),
-                "offline": available(e),
-                "cache": str(cache) if (cache := cache_path(e)) else None,
-                "description": e.description,
-            }
-        )
-    if as_json:
-        echo_json(rows)
-        return
-    click.echo(f"{'NAME':20} {'DIM':>5} {'INPUT':>9} {'OFFLINE':8} WEIGHTS")
-    for r in rows:
-        pre = r["preprocess"]
-        offline = "yes" if r["offline"] else "no"
-        click.echo(
-            f"{r['name']:20} {r['feature_dim']:>5} {pre['resize']:>4}/{pre['crop']:<4} {offline:8} {r['weights']}"
-        )
-    click.echo(f"{'timm/<name>':20} {'':>5} {'':>9} {'cached?':8} any timm model with pretrained weights")
-    click.echo("\nOFFLINE=no: the weights download on first export (or fill the cache named in `--json`).")
-
-
-def _version_row(spec: Any, aliases: dict[str, list[str]]) -> dict[str, Any]:
-    return {
-        "tag": spec.tag,
-        "name": spec.name,
-        "version": spec.version,
-        "created_at": spec.created_at.isoformat(),
-        "parent": spec.parent,
-        "num_classes": spec.num_classes,
-        "feature_dim": spec.feature_dim,
-        "precision": spec.precision,
-        "aliases": aliases.get(spec.version, []),
-    }
-
-
-@models.command("list")
-@click.argument("name", required=False)
-@click.option("--json", "as_json", is_flag=True, help="Print a JSON array instead of a table.")
-@handle_errors
-def models_list(name: str | None, as_json: bool) -> None:
-    """Registered versions (of NAME, or all), oldest first, with their aliases."""
-    reg = open_registry()
-    rows = []
-    for spec in reg.list(name):
-        by_version: dict[str, list[str]] = {}
-        for alias, version in reg.aliases(spec.name).items():
-            by_version.setdefault(version, []).append(alias)
-        rows.append(_version_row(spec, by_version))
-    if as_json:
-        echo_json(rows)
-        return
-    if not rows:
-        click.echo("no registered versions yet; export one: backbones export efficientnet_lite0")
-        return
-    click.echo(f"{'TAG':44} {'CREATED':20} {'CLASSES':>7} {'DIM':>5}  {'PARENT':28} ALIASES")
-    for r in rows:
-        click.echo(
-            f"{r['tag']:44} {r['created_at'][:19]:20} {r['num_classes']:>7} {r['feature_dim']:>5}  "
-            f"{r['parent']:28} {','.join(sorted(r['aliases']))}"
-        )
-
-
-@models.command("show")
-@click.argument("ref")
-@click.option("--json", "as_json", is_flag=True, help="Print the version record as JSON.")
-@handle_errors
-def models_show(ref: str, as_json: bool) -> None:
-    """One version's record: preprocessing, labels, lineage, checksums, verification, aliases."""
-    reg = open_registry()
-    stored = reg.get(ref)
-    doc = stored.spec.model_dump(mode="json")
-    doc["aliases"] = {a: v for a, v in reg.aliases(stored.spec.name).items()}
-    doc["alias_history"] = reg.alias_history(stored.spec.name)
-    doc["path"] = str(stored.path)
-    if as_json:
-        echo_json(doc)
-        return
-    s = stored.spec
-    pre = s.preprocess
-    click.echo(f"{s.tag}")
-    click.echo(f"  created      {s.created_at.isoformat()}")
-    click.echo(f"  parent       {s.parent}   architecture {s.architecture.family}/{s.architecture.name}")
-    click.echo(f"  classes      {s.num_classes}: {', '.join(s.labels[:5])}{' ...' if s.num_classes > 5 else ''}")
-    click.echo(f"  features     {s.feature_dim}")
-    click.echo(
-        f"  preprocess   resize {pre.resize} ({pre.interpolation}), crop {pre.crop}, mean {pre.mean}, std {pre.std}"
-    )
-    ver = s.verification
-    if ver:
-        click.echo(
-            f"  verified     {ver.get('images')} images, max |dlogit| {ver.get('max_abs_logit_diff', 0):.1e}, "
-            f"top-1 agreement {ver.get('top1_agreement', 0):.0%}"
-        )
-    if s.conversion:
-        conv = s.conversion
-        click.echo(f"  precision    {s.precision} from {conv.get('parent')}: {conv.get('method')}")
-        cal = conv.get("calibration")
-        if cal:
-            click.echo(
-                f"  calibration  {cal['calibration_images']} photos + {cal['holdout_images']} held out, "
-                f"fingerprint {cal['fingerprint'][:16]}..., gate top-1 agreement >= {conv.get('min_agreement')}"
-            )
-    if s.training:
-        metrics = s.training.get("metrics", {})
-        click.echo(f"  training     {json.dumps(metrics)[:200]}")
-    for fname, digest in s.files.items():
-        click.echo(f"  file         {fname}  sha256 {digest[:16]}...")
-    aliases = ", ".join(f"{a} -> {v}" for a, v in doc["aliases"].items()) or "none"
-    click.echo(f"  aliases      {aliases}")
-    click.echo(f"  path         {stored.path}")
-
-
-@models.command("alias")
-@click.argument("ref")
-@click.argument("alias")
-@click.option("--remove", is_flag=True, help="Remove ALIAS from REF's model instead of moving it.")
-@click.option("--json", "as_json", is_flag=True, help="Print the recorded history event as JSON.")
-@handle_errors
-def models_alias(ref: str, alias: str, remove: bool, as_json: bool) -> None:
-    """Point ALIAS (production, staging, any name) at the version REF names.
-
-    The move is atomic and recorded in an append-only history (see `models show`). A running
-    service that follows the alias picks the new version up.
-    """
-    reg = open_registry()
-    if remove:
-        from models.registry import Ref
-
-        event = reg.remove_alias(Ref.parse(ref).name, alias)
-    else:
-        event = reg.set_alias(ref, alias)
-    if as_json:
-        echo_json(event)
-        return
-    name = _ref_name(ref)
-    if remove:
-        click.echo(f"{name}@{alias} removed (was {event['previous']})")
-    else:
-        was = f" (was {event['previous']})" if event["previous"] else ""
-        click.echo(f"{name}@{alias} -> {name}:{event['version']}{was}")
-
-
-def _ref_name(ref: str) -> str:
-    from models.registry import Ref
-
-    return Ref.parse(ref).name
-
-
-@models.command("delete")
-@click.argument("ref")
-@click.option("--force", is_flag=True, help="Also delete a version that aliases point to (removes those aliases).")
-@handle_errors
-def models_delete(ref: str, force: bool) -> None:
-    """Delete one version (REF must be NAME:VERSION or NAME@ALIAS). A version that an alias
-    points to is kept unless --force."""
-    tag = open_registry().delete(ref, force=force)
-    click.echo(f"deleted {tag}")
-
-
 # -- export ---------------------------------------------------------------------------------
+
+
+def _quantize_default(option: str) -> Deferred:
+    """The default of a ``QuantizeOptions`` field (models/quantize.py imports PyTorch: read lazily)."""
+
+    def read() -> Any:
+        from dataclasses import fields
+
+        from models.quantize import QuantizeOptions
+
+        return next(f.default for f in fields(QuantizeOptions) if f.name == option)
+
+    return Deferred(read)
 
 
 @cli.command("export")
@@ -249,32 +80,39 @@ def models_delete(ref: str, force: bool) -> None:
 )
 @click.option(
     "--min-agreement",
+    cls=SettingOption,
+    setting="quantize_min_agreement",
     type=click.FloatRange(0, 1, min_open=True),
-    default=None,
-    help="Top-1 agreement with the FP32 parent the new version must reach [default: BACKBONES_QUANTIZE_MIN_AGREEMENT, 0.98].",
+    help="Top-1 agreement with the FP32 parent the new version must reach.",
 )
 @click.option(
     "--calibration-method",
     type=click.Choice(["minmax", "entropy", "percentile"]),
-    default="minmax",
+    default=_quantize_default("method"),
     show_default=True,
     help="How activation ranges are chosen from the calibration photos.",
 )
 @click.option(
     "--holdout-fraction",
     type=click.FloatRange(0, 1, min_open=True, max_open=True),
-    default=0.2,
+    default=_quantize_default("holdout_fraction"),
     show_default=True,
     help="Part of the calibration photos held out for the agreement gate.",
 )
 @click.option(
     "--float-first-convs",
     type=click.IntRange(min=0),
-    default=0,
+    default=_quantize_default("float_first_convs"),
     show_default=True,
     help="Keep the first N convolutions in float.",
 )
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the calibration/held-out split.")
+@click.option(
+    "--seed",
+    type=int,
+    default=_quantize_default("seed"),
+    show_default=True,
+    help="Seed of the calibration/held-out split.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the registered version record as JSON.")
 @handle_errors
 def export_cmd(
@@ -295,7 +133,8 @@ def export_cmd(
     --quantize int8 / --precision fp16, convert NAME (catalog or registered) to INT8 / FP16.
 
     Prints the new tag (NAME:VERSION). Verification: onnx.checker, then ONNX Runtime vs PyTorch
-    on preprocessed images (identical top-1, max |dlogit| <= 1e-3). INT8 and FP16 versions are
+    on preprocessed images (identical top-1, logits within the export's tolerance, reported with
+    the tag and kept in the spec: see `models show`). INT8 and FP16 versions are
     compared with their FP32 parent instead (top-1 agreement >= --min-agreement, logit error and
     feature cosine recorded in the spec). On failure nothing is registered.
     """
@@ -396,7 +235,9 @@ def _export_fp32(name: str, as_name: str | None, verify_images: Path | None, as_
 @cli.command("classify")
 @click.argument("ref")
 @click.argument("images", nargs=-1, required=True)
-@click.option("-k", "--top-k", default=5, show_default=True, type=click.IntRange(min=1), help="Classes per image.")
+@click.option(
+    "-k", "--top-k", default=DEFAULT_TOP_K, show_default=True, type=click.IntRange(min=1), help="Classes per image."
+)
 @click.option("--batch-size", default=16, show_default=True, type=click.IntRange(min=1, max=1024))
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per image and line.")
 @handle_errors
@@ -454,60 +295,8 @@ def classify_cmd(ref: str, images: tuple[str, ...], top_k: int, batch_size: int,
         sys.exit(1)
 
 
-# -- serve ----------------------------------------------------------------------------------
-
-# Environment variables that make BentoML 1.4 run workers without respawn (bentoml.serving.running_inside_container).
-CONTAINER_MARKERS = ("BENTOML_CONTAINERIZED", "BENTOCLOUD_DEPLOYMENT_URL")
-
-
-@cli.command("serve")
-@click.option(
-    "--model",
-    "refs",
-    multiple=True,
-    metavar="REF",
-    help="A model to serve (repeat for several; the first is the default). Default: efficientnet_lite0.",
-)
-@click.option("--host", default="0.0.0.0", show_default=True, help="Address to listen on.")
-@click.option("-p", "--port", default=3000, show_default=True, type=click.IntRange(1, 65535))
-@click.option(
-    "--workers",
-    type=click.IntRange(0, 256),
-    default=None,
-    help="Worker processes (default: BACKBONES_WORKERS, else one per core on a CPU, 1 on a GPU).",
-)
-@handle_errors
-def serve_cmd(refs: tuple[str, ...], host: str, port: int, workers: int | None) -> None:
-    """Serve classification and embedding over HTTP (BentoML), on PORT.
-
-    Endpoints: POST /classify and POST /embed (multipart field 'image'; optional 'model' and
-    'top_k'), GET /models, /livez, /readyz, /metrics, and the OpenAPI page at /. A served NAME or
-    NAME@ALIAS follows its alias: `backbones models alias` switches the running service to the new
-    version without failing a request. Tuning knobs (workers, runners, batch size, queue limit,
-    threads): see the README's Configuration table.
-    """
-    import os
-
-    from models import get_settings
-    from models.registry import Ref
-
-    settings = get_settings()  # a bad BACKBONES_* value fails here, in one line, not in a server worker
-    chosen = list(refs) or settings.served_refs()
-    for ref in chosen:
-        Ref.parse(ref)  # a bad reference fails here too
-    os.environ["BACKBONES_SERVE_MODELS"] = ",".join(chosen)
-    if workers is not None:
-        os.environ["BACKBONES_WORKERS"] = str(workers)
-    # Inside a container BentoML does not restart a worker that dies (the container would be
-    # restarted instead, losing every worker's requests): the arbiter replaces dead workers here.
-    for name in CONTAINER_MARKERS:
-        os.environ.pop(name, None)
-    args = [sys.executable, "-m", "bentoml", "serve", "service.bento:Backbones", "--host", host, "--port", str(port)]
-    click.echo(f"serving {', '.join(chosen)} on http://{host}:{port}", err=True)
-    sys.stdout.flush()
-    os.execv(sys.executable, args)
-
-
+cli.add_command(models_group)
+cli.add_command(serve_cmd)
 cli.add_command(finetune_cmd)
 cli.add_command(embed_cmd)
 

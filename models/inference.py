@@ -14,6 +14,8 @@ from .runtime import OnnxSession, Outputs
 from .settings import Settings, get_settings
 from .spec import ONNX_FILENAME, VersionSpec
 
+DEFAULT_TOP_K = 5  # classes a classification returns when the caller does not say
+
 
 @dataclass(frozen=True)
 class Prediction:
@@ -100,7 +102,7 @@ class InferenceModel:
     def run(self, batch: np.ndarray) -> Outputs:
         return self.session.run(batch)
 
-    def classify(self, sources: Sequence[Source], k: int = 5) -> list[list[Prediction]]:
+    def classify(self, sources: Sequence[Source], k: int = DEFAULT_TOP_K) -> list[list[Prediction]]:
         return top_k(self.run(self.loader.batch(sources)).logits, self.spec.labels, k)
 
     def embed(self, sources: Sequence[Source]) -> np.ndarray:

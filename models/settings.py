@@ -2,6 +2,8 @@
 
 Every field can be set from the environment as ``BACKBONES_<FIELD>`` (for example
 ``BACKBONES_PROVIDERS=cpu``); the registry location is BentoML's own ``BENTOML_HOME``.
+:meth:`Settings.env_name` gives a field's variable, so no other module spells one out. Knobs of
+the test suite alone live with the tests (tests/conftest.py ``TestHooks``).
 """
 
 from __future__ import annotations
@@ -44,8 +46,8 @@ class Settings(BaseSettings):
     cuda_tf32: bool = Field(
         default=True,
         description="CUDA: let FP32 models use TF32 tensor cores for convolutions and matrix products "
-        "(PyTorch's default for convolutions; same top-1, logits within ~1e-2). Off: full FP32 "
-        "arithmetic, matching the CPU to ~1e-4, slower.",
+        "(PyTorch's default for convolutions; same top-1, logits a little further from the CPU's). "
+        "Off: full FP32 arithmetic, closer to the CPU, slower.",
     )
     trt_fp16: bool = Field(default=True, description="Let TensorRT build FP16 engines.")
     trt_cache_dir: Path | None = Field(
@@ -67,15 +69,16 @@ class Settings(BaseSettings):
         default=0,
         ge=0,
         description="Most images in one ONNX Runtime call. 0 = measured when a model loads: the "
-        "smallest batch within 5 % of the best images/s among 1, 2, 4 .. 32 (on a CPU often 1; on a "
-        "GPU larger). Requests that queue while every runner is busy form the next batch; there is "
-        "no waiting window, so a lone request runs at once.",
+        "smallest batch whose images/s is close to the best (service/batching.py calibrate_batch_size; "
+        "on a CPU often 1, on a GPU larger). Requests that queue while every runner is busy form the "
+        "next batch; there is no waiting window, so a lone request runs at once.",
     )
     workers: int = Field(
         default=0,
         ge=0,
-        description="Server worker processes. 0 = one per core (with a GPU at most 16, each with its "
-        "own sessions on the GPU).",
+        description="Server worker processes. 0 = as models.runtime.serving_plan lays them out: one per "
+        "available core, on a GPU machine too (capped there: each worker holds a CUDA context and "
+        "sessions of its own).",
     )
     runners: int = Field(
         default=0,
@@ -104,17 +107,17 @@ class Settings(BaseSettings):
     trace_requests: bool = Field(
         default=False,
         description="OpenTelemetry spans for /classify and /embed (BentoML's tracing, exported where "
-        "its tracing configuration says). Off by default: the span machinery costs about 0.35 ms of "
-        "CPU per request even when nothing is sampled; the other routes are traced either way.",
+        "its tracing configuration says). Off by default: the span machinery costs CPU on every "
+        "request even when nothing is sampled (docs/benchmarks.md); the other routes are traced either way.",
     )
     swap_poll_seconds: float = Field(
         default=1.0, gt=0, description="How often the service checks whether a followed alias has moved."
     )
     draft_decoding: bool = Field(
         default=False,
-        description="Let the JPEG decoder downscale large photos while decoding: 2-2.5x faster decoding "
-        "of multi-megapixel photos, but logits move by up to ~0.5 (beyond the 1e-3 parity tolerance; "
-        "docs/benchmarks.md), so it is off unless asked for.",
+        description="Let the JPEG decoder downscale large photos while decoding: much faster decoding "
+        "of multi-megapixel photos, but logits move far beyond the export's parity tolerance "
+        "(docs/benchmarks.md), so it is off unless asked for.",
     )
 
     # -- faults and shutdown (service/drain.py); deploy/ sizes the pod's grace period from these --
@@ -140,13 +143,6 @@ class Settings(BaseSettings):
         ge=0,
         description="A served model that fails to load at start-up is retried with backoff up to this "
         "interval; meanwhile /readyz answers 503 with the reason and /livez 200.",
-    )
-    fuzz_examples: int = Field(
-        default=0,
-        ge=0,
-        description="Test suite only: examples per API operation (schemathesis, tests/test_api_fuzz.py) "
-        "and per decoding property (hypothesis, tests/test_fuzz_imaging.py). 0 = the short, "
-        "derandomized run of `make test`; `make fuzz` sets 2000.",
     )
     # -- artifact safety (models/preflight.py) --------------------------------------------------
     preflight_timeout_seconds: float = Field(
@@ -198,6 +194,20 @@ class Settings(BaseSettings):
         if len(sizes) == 1:
             return 1, sizes[0], sizes[0]
         return sizes[0], sizes[1] if len(sizes) == 3 else sizes[-1], sizes[-1]
+
+    @classmethod
+    def env_name(cls, field: str) -> str:
+        """The environment variable that sets ``field``: its alias where it has one (``BENTOML_HOME``),
+        else the prefix and the field's name (``BACKBONES_WORKERS``)."""
+        alias = cls.model_fields[field].validation_alias
+        if isinstance(alias, str):
+            return alias
+        return f"{cls.model_config.get('env_prefix', '')}{field}".upper()
+
+    @classmethod
+    def env_for(cls, **values: object) -> dict[str, str]:
+        """The environment variables that give a child process these field values."""
+        return {cls.env_name(field): str(value) for field, value in values.items()}
 
     def served_refs(self) -> list[str]:
         return [r.strip() for r in self.serve_models.split(",") if r.strip()]

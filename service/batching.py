@@ -56,7 +56,7 @@ def calibrate_batch_size(
 
     Each size runs a few times (the best time counts); sizes stop doubling once throughput has
     fallen clearly below the best so far. On a CPU, per-image cost often grows with the batch
-    (EfficientNet-Lite0 on 2 cores: 64 images/s at batch 1, 55 at 8), so bigger is not better."""
+    (docs/benchmarks.md), so bigger is not better."""
     rates: dict[int, float] = {}
     size = 1
     while size <= max(1, limit):

@@ -2,8 +2,8 @@
 
 Starlette's form parser (python-multipart) handles every corner of RFC 7578: quoted-pair escapes,
 RFC 2231 parameters, bare-LF line breaks, content-transfer encodings. It feeds bytes through
-per-event callbacks and spools each file into a temporary file object: about 0.12 ms of the event
-loop's time per upload on the 2-core development machine. Nearly every real request is the plain
+per-event callbacks and spools each file into a temporary file object, all on the event loop
+(its cost per upload: docs/benchmarks.md). Nearly every real request is the plain
 form: CRLF line breaks, one ``Content-Disposition: form-data; name="..."[; filename="..."]`` per
 part, quoted values without escapes. :func:`read_plain_form` reads exactly that with a few
 ``bytes.find`` calls. For anything else it returns ``None``, and the caller hands the body to
@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from starlette.datastructures import UploadFile
 from starlette.requests import Request
 
-# Starlette's limits as the service sets them (service/http.py): beyond these it raises an error,
+# Starlette's limits as the service sets them (starlette_parts): beyond these it raises an error,
 # which the caller's fallback reproduces
 MAX_FILES = 1
 MAX_FIELDS = 8

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 from .drain import ASGIApp, Receive, Scope, Send
-from .http import TIMEOUT
+from .errors import TIMEOUT
 
 READINESS_SCHEMA = {
     "type": "object",

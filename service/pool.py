@@ -1,6 +1,6 @@
 """The models a service answers with, and hot swaps when an alias they follow moves.
 
-Each served reference (``name``, ``name@alias`` or ``name:version``) is a :class:`Slot` whose
+Each served reference (``name``, ``name@alias`` or ``name:version``) is a :class:`ModelSlot` whose
 current :class:`ServedModel` can be replaced while the service runs: the new version is loaded,
 checked and warmed up beside the old one, then swapped in with one assignment. Requests hold the
 ``ServedModel`` they started with, so in-flight requests finish on the old version, whose batcher
@@ -46,7 +46,9 @@ class ServedModel:
 
 
 @dataclass
-class Slot:
+class ModelSlot:
+    """One served reference and the version that answers for it now (None until one has loaded)."""
+
     ref: str
     name: str
     follows: bool  # False for name:version, which never moves
@@ -88,15 +90,15 @@ class Slot:
 class ModelPool:
     def __init__(self, refs: list[str], *, settings: Settings, registry: Registry | None = None) -> None:
         if not refs:
-            raise BackbonesError("no model to serve: pass --model REF (or set BACKBONES_SERVE_MODELS)")
+            raise BackbonesError(f"no model to serve: pass --model REF (or set {Settings.env_name('serve_models')})")
         self.settings = settings
         self.registry = registry or Registry(settings=settings)
-        self.slots: list[Slot] = []
+        self.slots: list[ModelSlot] = []
         for ref in refs:
             parsed = Ref.parse(ref)
             if any(s.name == parsed.name for s in self.slots):
                 raise BackbonesError(f"model {parsed.name!r} is listed twice; serve each name once")
-            self.slots.append(Slot(ref=ref, name=parsed.name, follows=parsed.version is None))
+            self.slots.append(ModelSlot(ref=ref, name=parsed.name, follows=parsed.version is None))
         self._poller: asyncio.Task[None] | None = None
 
     # -- lookup ---------------------------------------------------------------------------
@@ -105,11 +107,15 @@ class ModelPool:
     def ready(self) -> bool:
         return all(s.current is not None for s in self.slots)
 
+    def describe(self) -> dict[str, Any]:
+        """``GET /models``: readiness, and each served model as :meth:`ModelSlot.describe` has it."""
+        return {"ready": self.ready, "models": [s.describe(self.registry) for s in self.slots]}
+
     def not_ready_reasons(self) -> dict[str, str]:
         """Why each model that is not loaded yet is not: its last load error, or ``loading``."""
         return {s.ref: s.error or "loading" for s in self.slots if s.current is None}
 
-    def find(self, requested: str | None) -> Slot | None:
+    def find(self, requested: str | None) -> ModelSlot | None:
         """The slot a request's ``model`` field names (None: the first served model).
 
         ``name``, ``name@alias`` and ``name:version`` match the slot of that name; a version or
@@ -173,7 +179,7 @@ class ModelPool:
         )
         return ServedModel(model=model, batcher=batcher, batch_rates=rates)
 
-    async def _load(self, slot: Slot, stored: StoredVersion | None) -> None:
+    async def _load(self, slot: ModelSlot, stored: StoredVersion | None) -> None:
         slot.loading = True
         m = metrics()
         try:
@@ -200,7 +206,7 @@ class ModelPool:
         else:
             log.warning("%s serves %s", slot.ref, served.tag)
 
-    async def _refresh(self, slot: Slot) -> None:
+    async def _refresh(self, slot: ModelSlot) -> None:
         """Load the slot's model if it has none, or the version its alias now points to."""
         if slot.loading:
             return
@@ -233,7 +239,7 @@ class ModelPool:
         if slot.current is None or slot.current.model.spec.version != version:
             slot.failed_version = version
 
-    def _back_off(self, slot: Slot) -> None:
+    def _back_off(self, slot: ModelSlot) -> None:
         """Schedule the next attempt at a model that has never loaded: 1 s, 2 s, 4 s .. up to
         ``load_retry_max_seconds``, so a missing registry or a broken file is not hammered (each
         attempt hashes the model's files) yet a fix is picked up soon after it lands."""

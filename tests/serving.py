@@ -1,4 +1,5 @@
-"""Start and stop the real ``backbones serve`` (BentoML) on a free local port, for the service tests.
+"""Start and stop the real ``backbones serve`` (BentoML) on a free local port, for the service tests;
+and what those tests send: multipart bodies as clients write them, ASGI calls into the app.
 
 The server runs in a session of its own (``start_new_session``): the process that ``start_server``
 returns is BentoML's arbiter (``backbones serve`` execs it), its children are the worker processes.
@@ -13,8 +14,10 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import psutil
@@ -22,6 +25,58 @@ import psutil
 from models import Registry
 
 from .conftest import ROOT
+
+BOUNDARY = "b0undary-x1"
+FORM_TYPE = f"multipart/form-data; boundary={BOUNDARY}"
+
+
+def form_body(
+    parts: list[tuple[str, bytes, str | None]], boundary: str = BOUNDARY, *, closing: bytes = b"--\r\n"
+) -> bytes:
+    """A multipart body as curl and requests write it: (name, content, filename or None) per part."""
+    out = b""
+    for name, content, filename in parts:
+        disposition = f'form-data; name="{name}"' + (f'; filename="{filename}"' if filename is not None else "")
+        out += f"--{boundary}\r\nContent-Disposition: {disposition}\r\n".encode()
+        if filename is not None:
+            out += b"Content-Type: application/octet-stream\r\n"
+        out += b"\r\n" + content + b"\r\n"
+    return out + f"--{boundary}".encode() + closing
+
+
+def image_upload(image: bytes, **fields: str) -> bytes:
+    """The body of an image request: text ``fields``, then the file field ``image``."""
+    return form_body([*((k, v.encode(), None) for k, v in fields.items()), ("image", image, "a.jpg")])
+
+
+async def asgi_call(
+    app: Callable[..., Awaitable[None]], method: str, path: str, body: bytes = b"", ctype: str = FORM_TYPE
+) -> tuple[int, bytes]:
+    """One HTTP request straight into an ASGI app: the status and the body of its answer."""
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": method,
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": b"",
+        "root_path": "",
+        "headers": [(b"content-type", ctype.encode()), (b"content-length", str(len(body)).encode())],
+        "client": ("127.0.0.1", 1),
+        "server": ("127.0.0.1", 80),
+    }
+    await app(scope, receive, send)
+    return sent[0]["status"], b"".join(m.get("body", b"") for m in sent[1:])
 
 
 def free_port() -> int:

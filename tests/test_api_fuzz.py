@@ -18,17 +18,12 @@ from schemathesis.checks import (
 )
 from schemathesis.core.result import Ok
 
-from models import get_settings
-
+from .conftest import fuzz_budget
 from .serving import Server
 
 pytestmark = [pytest.mark.slow, pytest.mark.fuzz]
 
 SHORT_RUN_EXAMPLES = 15  # per operation: the whole short run stays within ~30 s on 2 cores
-EXAMPLES = get_settings().fuzz_examples or SHORT_RUN_EXAMPLES
-# the short run in `make test` draws the same examples every time (a test must not pass or fail
-# by luck); the long run (`make fuzz`) explores anew each time
-DERANDOMIZE = not get_settings().fuzz_examples
 # "only the declared errors": no 5xx, and every status, content type and body as documented
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance]
 
@@ -49,11 +44,10 @@ def test_only_declared_responses(tiny_server: Server) -> None:
 
         @given(case=cases)
         @settings(
-            max_examples=EXAMPLES,
             deadline=None,
             suppress_health_check=list(HealthCheck),
             database=None,
-            derandomize=DERANDOMIZE,
+            **fuzz_budget(SHORT_RUN_EXAMPLES),
         )
         def only_declared(case: schemathesis.Case) -> None:
             response = case.call_and_validate(timeout=30, checks=CHECKS)

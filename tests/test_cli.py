@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import json
+import re
+from collections.abc import Iterator
 from pathlib import Path
 
+import click
 import pytest
+
+from .conftest import assert_clear_error
 
 pytestmark = pytest.mark.slow
 
@@ -96,12 +101,105 @@ def test_a_catalog_name_is_exported_on_first_use(run_cli, image_files: list[Path
     ],
 )
 def test_mistakes_get_one_clear_line_and_no_traceback(run_cli, args: list[str], message: str) -> None:  # type: ignore[no-untyped-def]
-    proc = run_cli(*args)
-    assert proc.returncode == 1
-    assert "Traceback" not in proc.stderr
-    assert message in proc.stderr
+    assert_clear_error(run_cli(*args), message)
 
 
 def test_bad_usage_exits_2(run_cli) -> None:  # type: ignore[no-untyped-def]
     proc = run_cli("classify", "tiny_cnn", "x.jpg", "--top-k", "0")
     assert proc.returncode == 2 and "top-k" in proc.stderr
+
+
+# -- options and their defaults: each default is read from where it is defined ------------------
+
+
+def _help(*args: str) -> str:
+    """A command's --help, in process, with its line breaks folded."""
+    from click.testing import CliRunner
+
+    from cli.main import cli
+
+    result = CliRunner().invoke(cli, [*args, "--help"], terminal_width=200)
+    assert result.exit_code == 0, result.output
+    return " ".join(result.output.split())
+
+
+def _commands(group: click.Group, prefix: tuple[str, ...] = ()) -> Iterator[tuple[tuple[str, ...], click.Command]]:
+    for name, command in group.commands.items():
+        yield (*prefix, name), command
+        if isinstance(command, click.Group):
+            yield from _commands(command, (*prefix, name))
+
+
+def test_options_mapped_onto_settings_say_their_setting_and_its_default() -> None:
+    from cli.common import SettingOption
+    from cli.main import cli
+    from models import Settings
+
+    mapped = {}
+    for path, command in _commands(cli):
+        if path[0] in ("embed", "finetune"):  # their --workers are other things than serving workers
+            continue
+        for param in command.params:
+            if param.name in Settings.model_fields:  # an option named like a setting must be that setting
+                assert isinstance(param, SettingOption), (
+                    f"{' '.join(path)} --{param.name} is not mapped onto its setting"
+                )
+            if isinstance(param, SettingOption):
+                mapped[(path, param.setting)] = param
+                assert param.default is None, path  # left out, the setting decides
+    assert {key[1] for key in mapped} >= {"workers", "serve_models", "quantize_min_agreement"}
+    for (path, field), param in mapped.items():
+        info = Settings.model_fields[field]
+        text = _help(*path)
+        assert f"{Settings.env_name(field)}, else {info.default}" in text, (path, field)
+        if param.help == info.description:
+            assert " ".join(info.description.split()) in text
+
+
+def test_serve_help_states_no_default_of_its_own() -> None:
+    from models import Settings
+
+    text = _help("serve")
+    description = Settings.model_fields["workers"].description or ""
+    assert " ".join(description.split()) in text and "serving_plan" in text  # what serving_plan does, in one place
+    assert "BENTOML_HOST" in text and "BENTOML_PORT" in text  # the address is BentoML's to default
+    assert "3000" not in text and "0.0.0.0" not in text
+
+
+def test_defaults_of_classify_and_export_are_those_of_the_code_they_drive() -> None:
+    from dataclasses import fields
+
+    from cli.main import export_cmd
+    from models.inference import DEFAULT_TOP_K
+    from models.quantize import CALIBRATION_METHODS, QuantizeOptions
+
+    assert f"--top-k INTEGER RANGE Classes per image. [default: {DEFAULT_TOP_K};" in _help("classify")
+    text = _help("export")
+    defaults = {f.name: f.default for f in fields(QuantizeOptions)}
+    for option, field in (
+        ("--calibration-method", "method"),
+        ("--holdout-fraction", "holdout_fraction"),
+        ("--float-first-convs", "float_first_convs"),
+        ("--seed", "seed"),
+    ):
+        assert re.search(rf"{option} .*?\[default: {re.escape(str(defaults[field]))}[;\]]", text), option
+    method = next(p for p in export_cmd.params if p.name == "calibration_method")
+    assert tuple(method.type.choices) == CALIBRATION_METHODS  # type: ignore[attr-defined]
+
+
+def test_serve_passes_the_address_on_only_when_given() -> None:
+    from cli.serve import SERVICE, bentoml_args
+
+    assert bentoml_args(None, None)[-2:] == ["serve", SERVICE]
+    assert bentoml_args("127.0.0.1", 8080)[-4:] == ["--host", "127.0.0.1", "--port", "8080"]
+
+
+def test_env_names_come_from_the_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    from models import Settings
+
+    assert Settings.env_name("workers") == "BACKBONES_WORKERS"
+    assert Settings.env_name("bentoml_home") == "BENTOML_HOME"
+    for name, value in Settings.env_for(workers=3, serve_models="a,b@x").items():
+        monkeypatch.setenv(name, value)
+    settings = Settings()
+    assert settings.workers == 3 and settings.served_refs() == ["a", "b@x"]

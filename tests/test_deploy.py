@@ -17,15 +17,23 @@ import httpx
 import pytest
 import yaml
 
-from models import Registry, Settings
-from models.export import export_catalog
+from models import Settings
 
-from .conftest import ROOT, jpeg_bytes
+from .conftest import ROOT, jpeg_bytes, registry_with
 
 DEPLOY = ROOT / "deploy"
 MONITORING = DEPLOY / "monitoring"
 OVERLAYS = ("cpu", "gpu")
-PORT = 3000
+
+
+def bentoml_port() -> int:
+    """The port `backbones serve` listens on unless told: BentoML's default, which its image exposes."""
+    from bentoml._internal.configuration.containers import BentoMLContainer
+
+    return int(BentoMLContainer.http.port.get())
+
+
+PORT = bentoml_port()
 PRESTOP_SLEEP = 5  # the preStop hook's sleep
 GRACE_MARGIN = 5
 
@@ -124,8 +132,8 @@ def test_selectors_labels_ports_and_names_agree() -> None:
 
 def test_the_pod_runs_backbones_serve_so_dead_workers_are_replaced() -> None:
     """The image's own `bentoml serve` runs with BENTOML_CONTAINERIZED set, which turns BentoML's
-    worker respawn off; `backbones serve` unsets it (cli/main.py CONTAINER_MARKERS)."""
-    from cli.main import CONTAINER_MARKERS
+    worker respawn off; `backbones serve` unsets it (cli/serve.py CONTAINER_MARKERS)."""
+    from cli.serve import CONTAINER_MARKERS
 
     for overlay in OVERLAYS:
         c = container(render(overlay)["Deployment/backbones"])
@@ -147,14 +155,15 @@ def test_grace_period_covers_prestop_drain_delay_and_drain() -> None:
         assert spec["terminationGracePeriodSeconds"] == expected, overlay
         assert container(dep)["lifecycle"]["preStop"]["exec"]["command"] == ["sleep", str(PRESTOP_SLEEP)]
         env = env_of(dep)
-        assert "BACKBONES_DRAIN_SECONDS" not in env and "BACKBONES_DRAIN_DELAY_SECONDS" not in env
+        assert not {Settings.env_name("drain_seconds"), Settings.env_name("drain_delay_seconds")} & env.keys()
 
 
 def _settings_from(env: dict[str, str]) -> Settings:
-    fields = {k.removeprefix("BACKBONES_").lower(): v for k, v in env.items() if k.startswith("BACKBONES_")}
-    unknown = fields.keys() - Settings.model_fields.keys()
+    prefix = Settings.model_config.get("env_prefix", "")
+    by_env = {Settings.env_name(field): field for field in Settings.model_fields}
+    unknown = {k for k in env if k.startswith(prefix) and k not in by_env}
     assert not unknown, f"the manifest sets variables no setting reads: {unknown}"
-    return Settings.model_validate(fields)
+    return Settings.model_validate({by_env[k]: v for k, v in env.items() if k.startswith(prefix)})
 
 
 def test_overlays_size_the_pod_the_way_the_settings_read_it() -> None:
@@ -226,10 +235,9 @@ def project_metrics() -> dict[str, set[str]]:
 def scraped(tmp_path_factory: pytest.TempPathFactory) -> dict[str, set[str]]:
     """Series names and their label names from a real /metrics scrape of the running service,
     after a good request and a bad one."""
-    from .test_service import start_server, stop_server
+    from .serving import start_server, stop_server
 
-    home = tmp_path_factory.mktemp("deploy") / "bentoml"
-    export_catalog("tiny_cnn", registry=Registry(home))
+    home = registry_with(tmp_path_factory.mktemp("deploy") / "bentoml", "tiny_cnn").home
     server = start_server(home, ["tiny_cnn"], tmp_path_factory.mktemp("log") / "server.log")
     try:
         assert server.post("/classify", jpeg_bytes(0)).status_code == 200

@@ -24,26 +24,11 @@ from models import Registry
 from models.export import export_catalog
 
 from .conftest import jpeg_bytes
-from .serving import Server, start_server, stop_server
+from .serving import FORM_TYPE, Server, image_upload, start_server, stop_server
 
 pytestmark = pytest.mark.slow
 
 MiB = 1024 * 1024
-
-
-def multipart(image: bytes, **fields: str) -> tuple[bytes, str]:
-    """A multipart/form-data body with the file field ``image`` and text ``fields``."""
-    boundary = "faults-boundary-7d1c"
-    parts = [
-        f'--{boundary}\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n{v}\r\n'.encode() for k, v in fields.items()
-    ]
-    parts.append(
-        f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="a.jpg"\r\n'
-        "Content-Type: image/jpeg\r\n\r\n".encode()
-        + image
-        + b"\r\n"
-    )
-    return b"".join(parts) + f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
 
 
 @dataclass(eq=False)  # threads must stay hashable
@@ -126,19 +111,24 @@ def wait_for(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
 # -- shutdown -------------------------------------------------------------------------------------
 
 
+def start_draining(registry: Registry, tmp_path: Path, *, workers: int, delay: float, drain: float) -> Server:
+    """The tiny CNN served by ``workers`` workers that drain for ``delay`` + ``drain`` seconds on SIGTERM."""
+    return start_server(
+        registry.home,
+        ["tiny_cnn"],
+        tmp_path / "server.log",
+        BACKBONES_WORKERS=str(workers),
+        BACKBONES_DRAIN_DELAY_SECONDS=str(delay),
+        BACKBONES_DRAIN_SECONDS=str(drain),
+    )
+
+
 def test_sigterm_drains_under_load(tiny_registry: Registry, tmp_path: Path) -> None:
     """SIGTERM to the server (as Kubernetes sends it): /readyz goes 503 first while requests are
     still answered, a request in flight when the listener closes finishes, nothing accepted fails,
     and the process exits within its grace period."""
     delay, drain = 1.5, 10.0
-    server = start_server(
-        tiny_registry.home,
-        ["tiny_cnn"],
-        tmp_path / "server.log",
-        BACKBONES_WORKERS="2",
-        BACKBONES_DRAIN_DELAY_SECONDS=str(delay),
-        BACKBONES_DRAIN_SECONDS=str(drain),
-    )
+    server = start_draining(tiny_registry, tmp_path, workers=2, delay=delay, drain=drain)
     try:
         image = jpeg_bytes(0)
         stop, outcomes = threading.Event(), list[Outcome]()
@@ -146,8 +136,7 @@ def test_sigterm_drains_under_load(tiny_registry: Registry, tmp_path: Path) -> N
         for t in clients:
             t.start()
         # in flight across the moment the listener closes: its body arrives ~1.5 s after that
-        body, ctype = multipart(image, top_k="1")
-        slow = SlowUpload(server.port, "/classify", body, ctype, seconds=delay + 1.5)
+        slow = SlowUpload(server.port, "/classify", image_upload(image, top_k="1"), FORM_TYPE, seconds=delay + 1.5)
         slow.start()
         time.sleep(0.5)
         probes: list[tuple[float, int, dict[str, Any]]] = []
@@ -184,17 +173,9 @@ def test_sigterm_drains_under_load(tiny_registry: Registry, tmp_path: Path) -> N
 def test_sigterm_cuts_a_request_that_outlasts_the_drain(tiny_registry: Registry, tmp_path: Path) -> None:
     """A request still running after drain_seconds does not hold the process: it exits in time."""
     delay, drain = 0.5, 1.5
-    server = start_server(
-        tiny_registry.home,
-        ["tiny_cnn"],
-        tmp_path / "server.log",
-        BACKBONES_WORKERS="1",
-        BACKBONES_DRAIN_DELAY_SECONDS=str(delay),
-        BACKBONES_DRAIN_SECONDS=str(drain),
-    )
+    server = start_draining(tiny_registry, tmp_path, workers=1, delay=delay, drain=drain)
     try:
-        body, ctype = multipart(jpeg_bytes(0))
-        slow = SlowUpload(server.port, "/classify", body, ctype, seconds=30)
+        slow = SlowUpload(server.port, "/classify", image_upload(jpeg_bytes(0)), FORM_TYPE, seconds=30)
         slow.start()
         time.sleep(0.5)
         sigterm_at = time.monotonic()
@@ -212,23 +193,33 @@ def test_sigterm_cuts_a_request_that_outlasts_the_drain(tiny_registry: Registry,
 # -- start-up faults ------------------------------------------------------------------------------
 
 
+def start_unready(home: Path, ref: str, tmp_path: Path, *, retry_max_seconds: float) -> Server:
+    """One worker serving ``ref``, which cannot load yet: returns once the worker is alive."""
+    return start_server(
+        home,
+        [ref],
+        tmp_path / "server.log",
+        wait_for="/livez",
+        BACKBONES_WORKERS="1",
+        BACKBONES_LOAD_RETRY_MAX_SECONDS=str(retry_max_seconds),
+    )
+
+
+def unready_reasons(server: Server) -> dict[str, Any]:
+    """/readyz's 503 body, once it answers 503."""
+    r = wait_for(lambda: (r := httpx.get(server.url + "/readyz")).status_code == 503 and r, 30, "readyz 503")
+    return r.json()  # type: ignore[no-any-return]
+
+
 def test_a_model_that_fails_to_load_is_retried_with_backoff_until_fixed(tmp_path: Path) -> None:
     home = tmp_path / "bentoml"
     stored = export_catalog("tiny_cnn", registry=Registry(home))
     onnx = stored.path / "model.onnx"
     good = onnx.read_bytes()
     onnx.write_bytes(good[:-10] + b"0123456789")
-    server = start_server(
-        home,
-        [stored.tag],
-        tmp_path / "server.log",
-        wait_for="/livez",
-        BACKBONES_WORKERS="1",
-        BACKBONES_LOAD_RETRY_MAX_SECONDS="2",
-    )
+    server = start_unready(home, stored.tag, tmp_path, retry_max_seconds=2)
     try:
-        r = wait_for(lambda: (r := httpx.get(server.url + "/readyz")).status_code == 503 and r, 30, "readyz 503")
-        doc = r.json()
+        doc = unready_reasons(server)
         assert doc["ready"] is False and doc["reason"] == "models not loaded"
         assert "modified after registration" in doc["models"][stored.tag]
         assert httpx.get(server.url + "/livez").status_code == 200
@@ -247,17 +238,9 @@ def test_a_model_that_fails_to_load_is_retried_with_backoff_until_fixed(tmp_path
 
 def test_registry_missing_at_start_then_created_then_deleted(tmp_path: Path) -> None:
     home = tmp_path / "nowhere" / "bentoml"
-    server = start_server(
-        home,
-        ["mynet@production"],
-        tmp_path / "server.log",
-        wait_for="/livez",
-        BACKBONES_WORKERS="1",
-        BACKBONES_LOAD_RETRY_MAX_SECONDS="1",
-    )
+    server = start_unready(home, "mynet@production", tmp_path, retry_max_seconds=1)
     try:
-        r = wait_for(lambda: (r := httpx.get(server.url + "/readyz")).status_code == 503 and r, 30, "readyz 503")
-        assert "mynet" in r.json()["models"]["mynet@production"]
+        assert "mynet" in unready_reasons(server)["models"]["mynet@production"]
         assert httpx.get(server.url + "/livez").status_code == 200
         reg = Registry(home)
         stored = export_catalog("tiny_cnn", registry=reg, as_name="mynet")
@@ -314,8 +297,8 @@ def test_soak_keeps_memory_flat(tiny_server: Server) -> None:
 
 
 def test_slow_uploads_do_not_stall_other_clients_and_time_out(tiny_server: Server) -> None:
-    body, ctype = multipart(jpeg_bytes(0))
-    slow = [SlowUpload(tiny_server.port, "/classify", body, ctype, seconds=60, chunks=60) for _ in range(8)]
+    body = image_upload(jpeg_bytes(0))
+    slow = [SlowUpload(tiny_server.port, "/classify", body, FORM_TYPE, seconds=60, chunks=60) for _ in range(8)]
     for s in slow:
         s.start()
     time.sleep(0.5)

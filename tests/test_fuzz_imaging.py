@@ -19,26 +19,24 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from models import get_settings
 from models.errors import IMAGE_ERROR_KINDS, ImageError
 from models.imaging import ALLOWED_FORMATS
 from models.preprocess import SLIVER_RATIO, ImageLoader, eval_transform, resized_size
 from models.samples import synthetic_image
 from models.spec import Preprocess
 
+from .conftest import fuzz_budget
+
 # damaged files make Pillow warn (skipped TIFF tags, corrupt EXIF) before it raises or recovers
 pytestmark = [pytest.mark.fuzz, pytest.mark.filterwarnings("ignore::UserWarning")]
 
 
 SHORT_RUN_EXAMPLES = 100  # per property in `make test`; `make fuzz` sets BACKBONES_FUZZ_EXAMPLES=2000
-EXAMPLES = get_settings().fuzz_examples or SHORT_RUN_EXAMPLES
 FUZZ = settings(
-    max_examples=EXAMPLES,
     deadline=None,
     database=None,  # nothing written into the checkout; a failure prints its reproducing example
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-    # the short run draws the same examples every time; the long run explores anew
-    derandomize=not get_settings().fuzz_examples,
+    **fuzz_budget(SHORT_RUN_EXAMPLES),  # the short run draws the same examples every time
 )
 
 PRE = Preprocess(resize=72, crop=64, interpolation="bicubic")  # small: fast, same code paths
@@ -213,7 +211,7 @@ def test_every_prefix_and_many_byte_flips_of_real_files(name: str, data: bytes) 
 
 
 def test_declared_kinds_all_have_an_http_status() -> None:
-    from service.http import IMAGE_KINDS_TO_STATUS
+    from service.errors import IMAGE_KINDS_TO_STATUS
 
     assert set(IMAGE_KINDS_TO_STATUS) == IMAGE_ERROR_KINDS
     assert all(400 <= s < 500 for s in IMAGE_KINDS_TO_STATUS.values())

@@ -4,7 +4,6 @@ ASGI path that serves the image routes with it (service/http.py ``ImageRoutes``)
 from __future__ import annotations
 
 import asyncio
-import os
 from collections.abc import Callable
 from typing import Any
 
@@ -18,24 +17,8 @@ from service.http import ImageRoutes, create_app
 from service.multipart import MAX_FIELDS, Part, boundary_of, read_plain_form, starlette_parts
 from service.pool import ModelPool
 
-from .conftest import jpeg_bytes
-
-BOUNDARY = "b0undary-x1"
-CTYPE = f"multipart/form-data; boundary={BOUNDARY}"
-
-
-def body_of(
-    parts: list[tuple[str, bytes, str | None]], boundary: str = BOUNDARY, *, closing: bytes = b"--\r\n"
-) -> bytes:
-    """A multipart body as curl and requests write it: (name, content, filename or None) per part."""
-    out = b""
-    for name, content, filename in parts:
-        disposition = f'form-data; name="{name}"' + (f'; filename="{filename}"' if filename is not None else "")
-        out += f"--{boundary}\r\nContent-Disposition: {disposition}\r\n".encode()
-        if filename is not None:
-            out += b"Content-Type: application/octet-stream\r\n"
-        out += b"\r\n" + content + b"\r\n"
-    return out + f"--{boundary}".encode() + closing
+from .conftest import fuzz_budget, jpeg_bytes
+from .serving import BOUNDARY, FORM_TYPE, asgi_call, form_body
 
 
 def parsed_by_starlette(body: bytes, content_type: str) -> list[Part] | str:
@@ -54,58 +37,64 @@ def parsed_by_starlette(body: bytes, content_type: str) -> list[Part] | str:
 
 def test_reads_what_curl_sends() -> None:
     photo = jpeg_bytes(0)
-    body = body_of([("image", photo, "cat.jpg"), ("model", b"antsbees@production", None), ("top_k", b"2", None)])
-    parts = read_plain_form(body, CTYPE)
+    body = form_body([("image", photo, "cat.jpg"), ("model", b"antsbees@production", None), ("top_k", b"2", None)])
+    parts = read_plain_form(body, FORM_TYPE)
     assert parts == [Part("image", photo, True), Part("model", "antsbees@production", False), Part("top_k", "2", False)]
-    assert parts == parsed_by_starlette(body, CTYPE)
+    assert parts == parsed_by_starlette(body, FORM_TYPE)
     assert read_plain_form(body, f'multipart/form-data; boundary="{BOUNDARY}"') == parts
     # an empty file and an empty field are still parts
-    empty = body_of([("image", b"", "x.jpg"), ("top_k", b"", None)])
-    assert read_plain_form(empty, CTYPE) == [Part("image", b"", True), Part("top_k", "", False)]
+    empty = form_body([("image", b"", "x.jpg"), ("top_k", b"", None)])
+    assert read_plain_form(empty, FORM_TYPE) == [Part("image", b"", True), Part("top_k", "", False)]
 
 
 @pytest.mark.parametrize(
     "body, content_type",
     [
-        (body_of([("image", b"abc", "a.jpg")]), "multipart/form-data"),  # no boundary
-        (body_of([("image", b"abc", "a.jpg")]), "application/x-www-form-urlencoded"),
-        (body_of([("image", b"abc", "a.jpg")]).replace(b"\r\n", b"\n"), CTYPE),  # bare LF line breaks
-        (body_of([("image", b"abc", "a.jpg")], closing=b"\r\n"), CTYPE),  # no closing delimiter
-        (body_of([("image", b"abc", "a.jpg")], closing=b"--\r\nepilogue"), CTYPE),
-        (b"preamble\r\n" + body_of([("image", b"abc", "a.jpg")]), CTYPE),
-        (body_of([("image", b"abc", "a.jpg")]).replace(b'name="image"', b'name="im\\"age"'), CTYPE),
-        (body_of([("image", b"abc", "a.jpg")]).replace(b'filename="a.jpg"', b"filename*=UTF-8''a.jpg"), CTYPE),
-        (body_of([("image", b"abc", "a.jpg")]).replace(b"form-data", b"attachment"), CTYPE),
-        (body_of([("image", b"abc", "a.jpg"), ("image", b"def", "b.jpg")]), CTYPE),  # more files than allowed
-        (body_of([(f"f{i}", b"v", None) for i in range(MAX_FIELDS + 1)]), CTYPE),  # more fields than allowed
-        (body_of([("model", b"\xff\xfe", None)]), CTYPE),  # a field that is not UTF-8
+        (form_body([("image", b"abc", "a.jpg")]), "multipart/form-data"),  # no boundary
+        (form_body([("image", b"abc", "a.jpg")]), "application/x-www-form-urlencoded"),
+        (form_body([("image", b"abc", "a.jpg")]).replace(b"\r\n", b"\n"), FORM_TYPE),  # bare LF line breaks
+        (form_body([("image", b"abc", "a.jpg")], closing=b"\r\n"), FORM_TYPE),  # no closing delimiter
+        (form_body([("image", b"abc", "a.jpg")], closing=b"--\r\nepilogue"), FORM_TYPE),
+        (b"preamble\r\n" + form_body([("image", b"abc", "a.jpg")]), FORM_TYPE),
+        (form_body([("image", b"abc", "a.jpg")]).replace(b'name="image"', b'name="im\\"age"'), FORM_TYPE),
+        (form_body([("image", b"abc", "a.jpg")]).replace(b'filename="a.jpg"', b"filename*=UTF-8''a.jpg"), FORM_TYPE),
+        (form_body([("image", b"abc", "a.jpg")]).replace(b"form-data", b"attachment"), FORM_TYPE),
+        (form_body([("image", b"abc", "a.jpg"), ("image", b"def", "b.jpg")]), FORM_TYPE),  # more files than allowed
+        (form_body([(f"f{i}", b"v", None) for i in range(MAX_FIELDS + 1)]), FORM_TYPE),  # more fields than allowed
+        (form_body([("model", b"\xff\xfe", None)]), FORM_TYPE),  # a field that is not UTF-8
         (
-            body_of([("image", b"abc", "a.jpg")]).replace(
+            form_body([("image", b"abc", "a.jpg")]).replace(
                 b"Content-Type: application/octet-stream", b"Content-Transfer-Encoding: base64"
             ),
-            CTYPE,
+            FORM_TYPE,
         ),
         # header lines Starlette refuses or reads differently (found in review)
-        (body_of([("image", b"abc", "a.jpg")]).replace(b"Content-Disposition:", b"Content-Disposition :"), CTYPE),
-        (body_of([("image", b"abc", "a.jpg")]).replace(b"Content-Disposition:", b"\x0cContent-Disposition:"), CTYPE),
-        (body_of([("image", b"abc", "a.jpg")]).replace(b"Content-Type:", b"X(Y): 1\r\nContent-Type:"), CTYPE),
-        (body_of([("image", b"abc", "a.jpg")]).replace(b"application/", b"appli\rcation/"), CTYPE),
-        (body_of([("image", b"abc", "a.jpg")]).replace(b"Content-Type:", b"X-A: 1\r\n" * 8 + b"Content-Type:"), CTYPE),
+        (form_body([("image", b"abc", "a.jpg")]).replace(b"Content-Disposition:", b"Content-Disposition :"), FORM_TYPE),
         (
-            body_of([("image", b"abc", "a.jpg")]).replace(
+            form_body([("image", b"abc", "a.jpg")]).replace(b"Content-Disposition:", b"\x0cContent-Disposition:"),
+            FORM_TYPE,
+        ),
+        (form_body([("image", b"abc", "a.jpg")]).replace(b"Content-Type:", b"X(Y): 1\r\nContent-Type:"), FORM_TYPE),
+        (form_body([("image", b"abc", "a.jpg")]).replace(b"application/", b"appli\rcation/"), FORM_TYPE),
+        (
+            form_body([("image", b"abc", "a.jpg")]).replace(b"Content-Type:", b"X-A: 1\r\n" * 8 + b"Content-Type:"),
+            FORM_TYPE,
+        ),
+        (
+            form_body([("image", b"abc", "a.jpg")]).replace(
                 b"Content-Type:", b"X-Pad: " + b"a" * 5000 + b"\r\nContent-Type:"
             ),
-            CTYPE,
+            FORM_TYPE,
         ),
-        (body_of([("image", b"abc", "a.jpg")]).replace(b'; name="', b';\x0bname="'), CTYPE),
-        (body_of([("image", b"abc", "a.jpg")]).replace(b'name="image"', b'name=\x0c"image"'), CTYPE),
-        (body_of([("image", b"abc", "a.jpg")]).replace(b'name="image"', b'name="ima\nge"'), CTYPE),
+        (form_body([("image", b"abc", "a.jpg")]).replace(b'; name="', b';\x0bname="'), FORM_TYPE),
+        (form_body([("image", b"abc", "a.jpg")]).replace(b'name="image"', b'name=\x0c"image"'), FORM_TYPE),
+        (form_body([("image", b"abc", "a.jpg")]).replace(b'name="image"', b'name="ima\nge"'), FORM_TYPE),
         # content types Starlette reads differently
-        (body_of([("image", b"abc", "a.jpg")], "q" * 300), "multipart/form-data; boundary=" + "q" * 300),
-        (body_of([("model", "m\u00e4".encode(), None)]), CTYPE + "; charset=latin-1"),
-        (body_of([("top_k", b"12", None)]), CTYPE + "; charset=utf-16"),
-        (body_of([("image", b"abc", "a.jpg")]), CTYPE + "\xa0"),
-        (body_of([("image", b"abc", "a.jpg")]), f"multipart/form-data\xa0; boundary={BOUNDARY}"),
+        (form_body([("image", b"abc", "a.jpg")], "q" * 300), "multipart/form-data; boundary=" + "q" * 300),
+        (form_body([("model", "m\u00e4".encode(), None)]), FORM_TYPE + "; charset=latin-1"),
+        (form_body([("top_k", b"12", None)]), FORM_TYPE + "; charset=utf-16"),
+        (form_body([("image", b"abc", "a.jpg")]), FORM_TYPE + "\xa0"),
+        (form_body([("image", b"abc", "a.jpg")]), f"multipart/form-data\xa0; boundary={BOUNDARY}"),
     ],
 )
 def test_anything_but_the_plain_form_is_left_to_starlette(body: bytes, content_type: str) -> None:
@@ -124,18 +113,15 @@ contents = st.binary(max_size=64) | st.sampled_from([b"\r\n", b"--", f"\r\n--{BO
 part_lists = st.lists(st.tuples(names, contents, st.none() | st.sampled_from(["a.jpg", "", "x y.png"])), max_size=5)
 
 
-@settings(
-    max_examples=int(os.environ.get("BACKBONES_FUZZ_EXAMPLES") or 0) or 200,
-    derandomize=not os.environ.get("BACKBONES_FUZZ_EXAMPLES"),
-    suppress_health_check=[HealthCheck.too_slow],
-    deadline=None,
-)
+@settings(suppress_health_check=[HealthCheck.too_slow], deadline=None, **fuzz_budget(200))
 @given(
     parts=part_lists,
     mangle=st.sampled_from(["none", "cut", "lf", "epilogue", "header", "byte"]),
     odd=st.sampled_from([b"\x0b", b"\x0c", b"\r", b"\n", b"\xa0", b"\t", b" ", b'"', b";", b"\x00"]),
     at=st.integers(min_value=0, max_value=10_000),
-    ctype=st.sampled_from([CTYPE, CTYPE + "; charset=utf-8", CTYPE + "; charset=latin-1", f'{CTYPE}; x="y"']),
+    ctype=st.sampled_from(
+        [FORM_TYPE, FORM_TYPE + "; charset=utf-8", FORM_TYPE + "; charset=latin-1", f'{FORM_TYPE}; x="y"']
+    ),
 )
 def test_agrees_with_starlette_wherever_it_answers(
     parts: list[tuple[str, bytes, str | None]], mangle: str, odd: bytes, at: int, ctype: str
@@ -143,7 +129,7 @@ def test_agrees_with_starlette_wherever_it_answers(
     """On generated bodies, plain and mangled (an odd byte put anywhere, content types with more
     parameters): where the fast reader answers, Starlette's parser gives the same parts; where
     Starlette refuses, the fast reader declines too."""
-    body = body_of(parts)
+    body = form_body(parts)
     if mangle == "byte":
         at %= len(body) + 1
         body = body[:at] + odd + body[at:]
@@ -176,42 +162,16 @@ def test_image_routes_answer_before_the_inner_apps(tiny_registry: Registry) -> N
 
     routes = ImageRoutes(inner, fastapi_app=app)
 
-    async def call(method: str, path: str, body: bytes, ctype: str) -> tuple[int, bytes]:
-        sent: list[dict[str, Any]] = []
-
-        async def receive() -> dict[str, Any]:
-            return {"type": "http.request", "body": body, "more_body": False}
-
-        async def send(message: dict[str, Any]) -> None:
-            sent.append(message)
-
-        scope = {
-            "type": "http",
-            "asgi": {"version": "3.0"},
-            "http_version": "1.1",
-            "method": method,
-            "scheme": "http",
-            "path": path,
-            "raw_path": path.encode(),
-            "query_string": b"",
-            "root_path": "",
-            "headers": [(b"content-type", ctype.encode()), (b"content-length", str(len(body)).encode())],
-            "client": ("127.0.0.1", 1),
-            "server": ("127.0.0.1", 3000),
-        }
-        await routes(scope, receive, send)
-        return sent[0]["status"], b"".join(m.get("body", b"") for m in sent[1:])
-
     async def scenario() -> list[tuple[int, bytes]]:
         await pool.start()
         try:
-            photo = body_of([("image", jpeg_bytes(1), "p.jpg"), ("top_k", b"3", None)])
+            photo = form_body([("image", jpeg_bytes(1), "p.jpg"), ("top_k", b"3", None)])
             return [
-                await call("POST", "/classify", photo, CTYPE),
-                await call("POST", "/embed", photo, CTYPE),
-                await call("POST", "/classify", body_of([("top_k", b"0", None)]), CTYPE),
-                await call("POST", "/classify", b"{}", "application/json"),
-                await call("GET", "/classify", b"", CTYPE),
+                await asgi_call(routes, "POST", "/classify", photo),
+                await asgi_call(routes, "POST", "/embed", photo),
+                await asgi_call(routes, "POST", "/classify", form_body([("top_k", b"0", None)])),
+                await asgi_call(routes, "POST", "/classify", b"{}", "application/json"),
+                await asgi_call(routes, "GET", "/classify"),
             ]
         finally:
             await pool.close()

@@ -20,7 +20,7 @@ from models.export import export_catalog
 from models.runtime import CPU, CUDA, TRT, on_gpu, usable_providers
 from models.samples import synthetic_image
 
-from .conftest import jpeg_bytes, shared_data
+from .conftest import jpeg_bytes, registry_with, shared_data
 from .serving import Server, start_server, stop_server
 
 pytestmark = pytest.mark.slow
@@ -277,8 +277,7 @@ def test_no_access_log_line_per_request_unless_asked(server: Server, tmp_path: P
     assert server.post("/classify", jpeg_bytes(3)).status_code == 200
     assert "path=/classify" not in server.log.read_text()
 
-    home = tmp_path / "bentoml"
-    export_catalog("tiny_cnn", registry=Registry(home))
+    home = registry_with(tmp_path / "bentoml", "tiny_cnn").home
     logged = start_server(
         home, ["tiny_cnn"], tmp_path / "server.log", BACKBONES_ACCESS_LOG="true", BACKBONES_WORKERS="1"
     )
