@@ -66,6 +66,16 @@ def compare_with_parent(
     }
 
 
+# The top-1 agreement with the parent a converted version must reach unless told otherwise: the
+# setting's default (BACKBONES_QUANTIZE_MIN_AGREEMENT), written once.
+DEFAULT_MIN_AGREEMENT: float = Settings.model_fields["quantize_min_agreement"].default
+
+
+def images_to_allow_one_miss(min_agreement: float) -> int:
+    """How many compared images a threshold needs before a single disagreement can pass it."""
+    return math.ceil(1 / max(1 - min_agreement, 1e-9))
+
+
 def check_agreement(report: Mapping[str, Any], min_agreement: float, *, what: str, advice: str) -> None:
     """Raise :class:`ConversionError` when top-1 agreement with the parent is below ``min_agreement``.
 
@@ -79,7 +89,7 @@ def check_agreement(report: Mapping[str, Any], min_agreement: float, *, what: st
         f"({agreement:.1%}), below the required {min_agreement:.1%} (max logit error "
         f"{report['max_abs_logit_diff']:.3g}); nothing was registered."
     )
-    needed = math.ceil(1 / max(1 - min_agreement, 1e-9))
+    needed = images_to_allow_one_miss(min_agreement)
     if n - hits == 1 and n < needed:
         msg += (
             f" With {n} images a single disagreement already costs {100 / n:.1f} points: "

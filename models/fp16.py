@@ -16,7 +16,7 @@ from pathlib import Path
 
 import onnx
 
-from .convert import check_agreement, compare_with_parent, register_converted
+from .convert import DEFAULT_MIN_AGREEMENT, check_agreement, compare_with_parent, register_converted
 from .errors import ConversionError
 from .export import check_graph, verification_batch
 from .graph_prep import fold_static_shapes, sort_topologically
@@ -45,7 +45,7 @@ def convert_version_fp16(
     *,
     registry: Registry,
     name: str,
-    min_agreement: float = 0.98,
+    min_agreement: float = DEFAULT_MIN_AGREEMENT,
     verify_sources: Sequence[Source] | None = None,
 ) -> StoredVersion:
     """Convert ``parent`` (FP32) to FP16, compare it with the parent on ``verify_sources``

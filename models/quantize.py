@@ -20,7 +20,13 @@ from typing import Any, Literal
 import numpy as np
 import onnx
 
-from .convert import check_agreement, compare_with_parent, register_converted
+from .convert import (
+    DEFAULT_MIN_AGREEMENT,
+    check_agreement,
+    compare_with_parent,
+    images_to_allow_one_miss,
+    register_converted,
+)
 from .errors import ConversionError, ImageError
 from .export import check_graph
 from .graph_prep import fold_static_shapes
@@ -38,7 +44,7 @@ MIN_PHOTOS = 10  # fewer cannot both calibrate and measure anything
 
 @dataclass(frozen=True)
 class QuantizeOptions:
-    min_agreement: float = 0.98
+    min_agreement: float = DEFAULT_MIN_AGREEMENT
     method: CalibrationMethodName = "minmax"
     holdout_fraction: float = 0.2
     seed: int = 0
@@ -210,7 +216,7 @@ def quantize_version(
         seed=opts.seed,
         max_calibration=opts.max_calibration_images,
     )
-    needed = int(np.ceil(1 / max(1 - opts.min_agreement, 1e-9)))
+    needed = images_to_allow_one_miss(opts.min_agreement)
     if len(split.holdout) < needed:
         log.warning(
             "only %d held-out photos: one disagreement with the parent costs %.2f points, more than the %.2f "
