@@ -244,7 +244,7 @@ def ensure_version(ref: str, registry: Registry) -> StoredVersion:
         return registry.get(ref)
     except UnknownModelError:
         parsed = Ref.parse(ref)
-        entry = None if (parsed.version or parsed.alias) else find_entry(ref.strip())
+        entry = None if (parsed.version or parsed.alias) else find_entry(ref)
         if entry is None:
             raise
     with registry.lock(entry.registry_name, purpose="export"):

@@ -88,15 +88,9 @@ class InferenceModel:
         preflight: bool = False,
     ) -> InferenceModel:
         """Load ``ref`` (checksums verified); a catalog name with no version yet is exported first."""
-        from .errors import UnknownModelError
+        from .export import ensure_version
 
-        registry = registry or Registry(settings=settings)
-        try:
-            stored = registry.get(ref)
-        except UnknownModelError:
-            from .export import ensure_version  # needs PyTorch: imported only for a first export
-
-            stored = ensure_version(ref, registry)
+        stored = ensure_version(ref, registry or Registry(settings=settings))
         return cls(stored, settings=settings, threads=threads, preflight=preflight)
 
     def run(self, batch: np.ndarray) -> Outputs:
