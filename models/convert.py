@@ -32,6 +32,22 @@ def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.sum(a64 * b64, axis=1) / np.maximum(norms, 1e-12)  # type: ignore[no-any-return]
 
 
+def verified_parent(parent: StoredVersion, folder: Path, *, settings: Settings | None = None) -> Path:
+    """A copy of the parent's graph in ``folder`` for a conversion to read: checked in the
+    preflight child on the CPU (where conversions run) and written from the bytes whose sha256
+    the spec records, so the graph converted and compared is the graph that was verified."""
+    from .inference import read_verified
+    from .preflight import expectation, preflight
+
+    settings = settings or Settings(providers="cpu")
+    preflight(
+        parent.file(ONNX_FILENAME), expectation(parent.spec), sha256=parent.spec.files[ONNX_FILENAME], settings=settings
+    )
+    copy = folder / f"parent-{ONNX_FILENAME}"
+    copy.write_bytes(read_verified(parent))
+    return copy
+
+
 def compare_with_parent(
     parent_onnx: Path, child_onnx: Path, batches: Iterable[np.ndarray], *, settings: Settings | None = None
 ) -> dict[str, Any]:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import onnx
 
-from .convert import DEFAULT_MIN_AGREEMENT, check_agreement, compare_with_parent, register_converted
+from .convert import DEFAULT_MIN_AGREEMENT, check_agreement, compare_with_parent, register_converted, verified_parent
 from .errors import ConversionError
 from .export import check_graph, verification_batch
 from .graph_prep import fold_static_shapes, sort_topologically
@@ -58,10 +58,11 @@ def convert_version_fp16(
     batch = verification_batch(parent.spec.preprocess, verify_sources, limit=64)
     with tempfile.TemporaryDirectory(prefix="backbones-fp16-") as tmp:
         out = Path(tmp) / ONNX_FILENAME
-        model = to_fp16(parent.file(ONNX_FILENAME), out)
+        source = verified_parent(parent, Path(tmp))
+        model = to_fp16(source, out)
         check_graph(out)
         chunks = [batch[i : i + 16] for i in range(0, len(batch), 16)]
-        report = compare_with_parent(parent.file(ONNX_FILENAME), out, chunks)
+        report = compare_with_parent(source, out, chunks)
         check_agreement(
             report,
             min_agreement,

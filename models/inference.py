@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
+from .errors import IntegrityError
 from .imaging import Source
 from .preprocess import ImageLoader
 from .registry import Registry, StoredVersion
@@ -45,6 +48,50 @@ def top_k(logits: np.ndarray, labels: Sequence[str], k: int) -> list[list[Predic
     ]
 
 
+PREFLIGHT_DIR = "preflight"  # in the registry's own folder: the preflight passes remembered
+
+
+def read_verified(stored: StoredVersion, name: str = ONNX_FILENAME) -> bytes:
+    """The bytes of one of the version's files, checked against the sha256 its spec records: the
+    caller uses these bytes, so a file replaced after ``Registry.get`` verified it is caught."""
+    data = stored.file(name).read_bytes()
+    if hashlib.sha256(data).hexdigest() != stored.spec.files[name]:
+        raise IntegrityError(f"{stored.spec.tag}: {name} changed after it was verified; refusing to load it")
+    return data
+
+
+def open_version(
+    stored: StoredVersion,
+    *,
+    settings: Settings | None = None,
+    threads: int | None = None,
+    preflight: bool = True,
+    memo_dir: Path | None = None,
+    warmup_batch: int = 1,
+) -> OnnxSession:
+    """An ONNX Runtime session over the version's graph, as every consumer opens one (the service,
+    ``classify``, both embed engines, fine-tuning features, INT8/FP16 conversion): the graph is
+    first loaded and run in a child process (models/preflight.py) on the providers this session
+    will use, then the session is built from bytes whose sha256 is the spec's, the digest the
+    child checked. ``memo_dir``: where passes are remembered (the registry's own folder)."""
+    from .preflight import expectation
+    from .preflight import preflight as check
+    from .runtime import provider_names, session_providers
+
+    settings = settings or get_settings()
+    path = stored.file(ONNX_FILENAME)
+    if preflight:
+        check(
+            path,
+            expectation(stored.spec),
+            sha256=stored.spec.files[ONNX_FILENAME],
+            settings=settings,
+            providers=provider_names(session_providers(settings, path)),
+            memo_dir=memo_dir,
+        )
+    return OnnxSession(read_verified(stored), settings=settings, threads=threads, warmup_batch=warmup_batch)
+
+
 class InferenceModel:
     """Classification and embedding with one registered version (one session, two outputs)."""
 
@@ -54,25 +101,17 @@ class InferenceModel:
         *,
         settings: Settings | None = None,
         threads: int | None = None,
-        preflight: bool = False,
+        preflight: bool = True,
+        memo_dir: Path | None = None,
     ) -> None:
-        """``preflight``: load and run the file in a child process first (models/preflight.py), so
-        that a file that crashes ONNX Runtime never reaches this process; the service does this."""
+        """The version's graph goes through :func:`open_version` (checked in a child process on
+        the providers it will run on, then loaded from the very bytes that were hashed);
+        ``preflight=False`` is for graphs this process has just made and checked itself."""
         settings = settings or get_settings()
         self.stored = stored
         self.spec: VersionSpec = stored.spec
         self.tag = stored.spec.tag
-        if preflight:
-            from .preflight import expectation
-            from .preflight import preflight as check
-
-            check(
-                stored.file(ONNX_FILENAME),
-                expectation(self.spec),
-                sha256=self.spec.files[ONNX_FILENAME],
-                settings=settings,
-            )
-        self.session = OnnxSession(stored.file(ONNX_FILENAME), settings=settings, threads=threads)
+        self.session = open_version(stored, settings=settings, threads=threads, preflight=preflight, memo_dir=memo_dir)
         self.loader = ImageLoader(
             self.spec.preprocess, max_pixels=settings.max_image_pixels, draft=settings.draft_decoding
         )
@@ -85,13 +124,16 @@ class InferenceModel:
         registry: Registry | None = None,
         settings: Settings | None = None,
         threads: int | None = None,
-        preflight: bool = False,
+        preflight: bool = True,
     ) -> InferenceModel:
         """Load ``ref`` (checksums verified); a catalog name with no version yet is exported first."""
         from .export import ensure_version
 
-        stored = ensure_version(ref, registry or Registry(settings=settings))
-        return cls(stored, settings=settings, threads=threads, preflight=preflight)
+        registry = registry or Registry(settings=settings)
+        stored = ensure_version(ref, registry)
+        return cls(
+            stored, settings=settings, threads=threads, preflight=preflight, memo_dir=registry.own_dir(PREFLIGHT_DIR)
+        )
 
     def run(self, batch: np.ndarray) -> Outputs:
         return self.session.run(batch)

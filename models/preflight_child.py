@@ -8,7 +8,10 @@ next to the file can be followed) and one run on a batch of 2, whose outputs mus
 expected shapes and be finite. It prints one JSON line: ``{"ok": true, ...}`` or
 ``{"ok": false, "problem": "..."}``; anything else (a signal, a non-zero exit) is a crash.
 
-Usage: ``python preflight_child.py MODEL.onnx EXPECTATION_JSON``.
+Usage: ``python preflight_child.py MODEL.onnx EXPECTATION_JSON [OPTIONS_JSON]``; options:
+``providers`` (ONNX Runtime provider names, in order: the ones the caller will run the graph on;
+default CPU) and ``memory_limit`` (bytes of address space this process may use: a graph that
+allocates more fails here instead of taking the caller's memory).
 """
 
 from __future__ import annotations
@@ -84,7 +87,7 @@ def _check_declared(model: Any, expect: dict[str, Any]) -> None:
             raise RefusedError(f"output {out.name!r} is declared with shape {odims}, expected [batch, {width}]")
 
 
-def _check_runs(data: bytes, expect: dict[str, Any]) -> dict[str, Any]:
+def _check_runs(data: bytes, expect: dict[str, Any], providers: list[str]) -> dict[str, Any]:
     import numpy as np
     import onnxruntime as ort
 
@@ -93,7 +96,7 @@ def _check_runs(data: bytes, expect: dict[str, Any]) -> dict[str, Any]:
     opts.inter_op_num_threads = 1
     opts.log_severity_level = 3
     try:
-        session = ort.InferenceSession(data, sess_options=opts, providers=["CPUExecutionProvider"])
+        session = ort.InferenceSession(data, sess_options=opts, providers=providers)
     except Exception as e:
         raise RefusedError(f"ONNX Runtime cannot load the graph: {str(e).strip()[:500]}") from None
     crop = expect["crop"]
@@ -119,7 +122,7 @@ def _check_runs(data: bytes, expect: dict[str, Any]) -> dict[str, Any]:
     return shapes
 
 
-def check(path: str, expect: dict[str, Any]) -> dict[str, Any]:
+def check(path: str, expect: dict[str, Any], providers: list[str] | None = None) -> dict[str, Any]:
     import onnx
 
     with open(path, "rb") as f:
@@ -132,18 +135,29 @@ def check(path: str, expect: dict[str, Any]) -> dict[str, Any]:
     if not model.HasField("graph"):
         raise RefusedError("not an ONNX model (no graph)")
     _check_declared(model, expect)
-    shapes = _check_runs(data, expect)
+    shapes = _check_runs(data, expect, providers or ["CPUExecutionProvider"])
     return {"ok": True, "sha256": digest, "output_shapes": shapes, "opset": [o.version for o in model.opset_import]}
+
+
+def limit_memory(limit: int) -> None:
+    import resource
+
+    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
 
 
 def main(argv: list[str]) -> int:
     path, expect = argv[1], json.loads(argv[2])
+    options = json.loads(argv[3]) if len(argv) > 3 else {}
+    if options.get("memory_limit"):
+        limit_memory(int(options["memory_limit"]))
     try:
-        result = check(path, expect)
+        result = check(path, expect, options.get("providers"))
     except RefusedError as e:
         result = {"ok": False, "problem": str(e)}
     except OSError as e:
         result = {"ok": False, "problem": f"cannot read the file: {e}"}
+    except MemoryError:
+        result = {"ok": False, "problem": "loading or running the graph needs more memory than allowed"}
     print(json.dumps(result), flush=True)
     return 0
 

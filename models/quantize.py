@@ -26,6 +26,7 @@ from .convert import (
     compare_with_parent,
     images_to_allow_one_miss,
     register_converted,
+    verified_parent,
 )
 from .errors import ConversionError, ImageError
 from .export import check_graph
@@ -229,9 +230,10 @@ def quantize_version(
     log.info("calibrating on %d photos, %d held out (%s)", len(split.calibration), len(split.holdout), opts.method)
     with tempfile.TemporaryDirectory(prefix="backbones-int8-") as tmp:
         out = Path(tmp) / ONNX_FILENAME
-        details = quantize_graph(parent.file(ONNX_FILENAME), out, split.calibration, loader, opts)
+        source = verified_parent(parent, Path(tmp))
+        details = quantize_graph(source, out, split.calibration, loader, opts)
         check_graph(out)
-        report = compare_with_parent(parent.file(ONNX_FILENAME), out, batches(split.holdout, loader, opts.batch_size))
+        report = compare_with_parent(source, out, batches(split.holdout, loader, opts.batch_size))
         check_agreement(
             report,
             opts.min_agreement,

@@ -245,15 +245,16 @@ class OnnxSession:
 
     def __init__(
         self,
-        path: str | Path,
+        model: str | Path | bytes,
         *,
         settings: Settings | None = None,
         threads: int | None = None,
         warmup_batch: int = 1,
         io_binding: bool | None = None,
     ) -> None:
-        """``io_binding``: run through ONNX Runtime's IO binding (default: on CUDA/TensorRT when
-        the ``io_binding`` setting is on)."""
+        """``model``: a file, or the bytes of one (what was hashed and checked is what runs:
+        :func:`models.inference.open_version`). ``io_binding``: run through ONNX Runtime's IO
+        binding (default: on CUDA/TensorRT when the ``io_binding`` setting is on)."""
         settings = settings or get_settings()
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -267,24 +268,10 @@ class OnnxSession:
         opts.log_severity_level = 3
         # onnxruntime's process-wide logger warns about each plugin device it does not find
         ort.set_default_logger_severity(3)
-        available = usable_providers()
-        gpu = gpu_driver_present()
-        trt_cache = trt_cache_dir(settings) if gpu and TRT in available and settings.providers != "cpu" else None
-        providers = select_providers(
-            settings.providers,
-            available,
-            gpu=gpu,
-            trt_fp16=settings.trt_fp16,
-            cuda_tf32=settings.cuda_tf32,
-            trt_cache_dir=trt_cache,
-            trt_profile=settings.trt_profile(),
-            input_shape=_static_chw(path) if trt_cache is not None else None,
-            problems=provider_problems(),
-        )
-        if trt_cache is not None:
-            trt_cache.mkdir(parents=True, exist_ok=True)
-        self.path = Path(path)
-        self._new_session = functools.partial(ort.InferenceSession, str(path), sess_options=opts, providers=providers)
+        providers = session_providers(settings, model)
+        self.path = Path(model) if not isinstance(model, bytes) else None
+        source = model if isinstance(model, bytes) else str(model)
+        self._new_session = functools.partial(ort.InferenceSession, source, sess_options=opts, providers=providers)
         self.session = self._new_session()
         self.providers: list[str] = self.session.get_providers()
         on_device = self.providers[0] in (TRT, CUDA)
@@ -294,7 +281,7 @@ class OnnxSession:
         outputs = [o.name for o in self.session.get_outputs()]
         if len(inputs) != 1 or inputs[0].name != INPUT_NAME or set(outputs) != set(OUTPUT_NAMES):
             raise ValueError(
-                f"{path}: expected one input {INPUT_NAME!r} and outputs {OUTPUT_NAMES}, "
+                f"{self.path or 'the graph'}: expected one input {INPUT_NAME!r} and outputs {OUTPUT_NAMES}, "
                 f"got inputs {[i.name for i in inputs]} and outputs {outputs}"
             )
         self.input_shape: list[Any] = list(inputs[0].shape)
@@ -396,11 +383,40 @@ def trt_cache_dir(settings: Settings) -> Path:
     return Registry(settings=settings).own_dir("trt-cache")
 
 
-def _static_chw(path: str | Path) -> tuple[int, int, int] | None:
+def session_providers(settings: Settings, model: str | Path | bytes) -> list[ProviderSpec]:
+    """The providers (with their options) a session over ``model`` gets with ``settings``; the
+    preflight child runs the graph on the same ones (models/preflight.py)."""
+    available = usable_providers()
+    gpu = gpu_driver_present()
+    trt_cache = trt_cache_dir(settings) if gpu and TRT in available and settings.providers != "cpu" else None
+    providers = select_providers(
+        settings.providers,
+        available,
+        gpu=gpu,
+        trt_fp16=settings.trt_fp16,
+        cuda_tf32=settings.cuda_tf32,
+        trt_cache_dir=trt_cache,
+        trt_profile=settings.trt_profile(),
+        input_shape=_static_chw(model) if trt_cache is not None else None,
+        problems=provider_problems(),
+    )
+    if trt_cache is not None:
+        trt_cache.mkdir(parents=True, exist_ok=True)
+    return providers
+
+
+def provider_names(providers: Sequence[ProviderSpec]) -> list[str]:
+    return [p if isinstance(p, str) else p[0] for p in providers]
+
+
+def _static_chw(source: str | Path | bytes) -> tuple[int, int, int] | None:
     """The graph input's (C, H, W) when they are fixed numbers (they are for every exported model)."""
     import onnx
 
-    model = onnx.load(str(path), load_external_data=False)
+    if isinstance(source, bytes):
+        model = onnx.load_model_from_string(source)
+    else:
+        model = onnx.load(str(source), load_external_data=False)
     dims = model.graph.input[0].type.tensor_type.shape.dim[1:]
     if len(dims) != 3 or not all(d.HasField("dim_value") for d in dims):
         return None
