@@ -101,6 +101,7 @@ def create_app(pool: ModelPool) -> FastAPI:
     decode_pool = ThreadPoolExecutor(max_workers=serving_plan(settings).decode_threads, thread_name_prefix="decode")
     app = FastAPI(title="backbones", description="Classify images and embed them with ONNX backbones.", version="1")
     app.state.pool = pool
+    app.state.decode_pool = decode_pool  # shared with the Open Inference Protocol's routes (service/oip.py)
     m = metrics()
 
     def error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -215,7 +216,7 @@ def create_app(pool: ModelPool) -> FastAPI:
 
     def count(endpoint: str, served: ServedModel | None, outcome: str) -> None:
         spec = served.model.spec if served else None
-        m.requests.labels(endpoint, spec.name if spec else "", spec.version if spec else "", outcome).inc()
+        m.requests.labels(endpoint, spec.name if spec else "", spec.version if spec else "", outcome, "backbones").inc()
 
     async def handle(scope: Scope, receive: Receive, endpoint: str) -> JSONResponse:
         """The response to an image request; client mistakes raise :class:`ApiError`."""
