@@ -5,14 +5,20 @@
    that decodes and runs batch-1 calls on one thread (ONNX Runtime sessions take concurrent calls);
 2. `backbones serve` (BentoML) over HTTP at 1, 16 and 64 clients: images/s, p50/p99, non-2xx;
 3. a straightforward FastAPI + PyTorch eager server (benchmarks/baseline_fastapi_torch.py), same
-   model and photos, same client counts.
+   model and photos, same client counts;
+4. the first served version over the Open Inference Protocol (KServe v2, benchmarks/oip_load.py:
+   binary tensor data, top-5 classification) in each round right after the /classify loads: one
+   photo per request at 64 clients, and 8 photos per request at 8 clients (the same photos in
+   flight). --no-v2 leaves it out.
 
 The server runs in --rounds rounds (default 3): each re-measures the best ceiling arrangement while
 the server idles, then the HTTP load; the HTTP/ceiling ratio is the median of the rounds' ratios
 (this VM's speed drifts within minutes, so each ratio compares runs minutes apart at most).
 
 Targets (issue #3): HTTP >= 0.85 x ceiling at its best concurrency, zero non-2xx at 64 clients,
->= 3 x the baseline. Usage: uv run python benchmarks/bench_serve.py [--seconds 20] [--rounds 3] [--json]
+>= 3 x the baseline. v2: >= 0.9 x /classify's images/s at 64 clients, and 8 photos per request at
+least as many images/s as one.
+Usage: uv run python benchmarks/bench_serve.py [--seconds 20] [--rounds 3] [--json] [--no-v2]
 [--quantized: the INT8 version of the model too, side by side | --model REF: a version you registered]
 """
 
@@ -40,6 +46,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from loadgen import LoadResult, multipart_request, run_load
+from oip_load import V2Rounds
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "imagenet-sample"
@@ -120,9 +127,11 @@ def measure_server(
     *,
     rounds: int = 1,
     between: Callable[[], float] | None = None,
+    also: Callable[[int, list[LoadResult]], None] | None = None,
 ) -> list[tuple[float | None, list[LoadResult]]]:
     """Start the server once; each round runs ``between`` (the in-process ceiling, while the
-    server idles) and then the load at every client count. Returns (ceiling, loads) per round."""
+    server idles) and then the load at every client count, then ``also(port, loads)``. Returns
+    (ceiling, loads) per round."""
     port = free_port()
     proc = subprocess.Popen(
         [*args, "--port", str(port)],
@@ -140,6 +149,8 @@ def measure_server(
         for _ in range(rounds):
             ceiling_rate = between() if between is not None else None
             out.append((ceiling_rate, [run_load("127.0.0.1", port, requests, c, seconds) for c in CLIENTS]))
+            if also is not None:
+                also(port, out[-1][1])
         return out
     finally:
         os.killpg(proc.pid, 15)
@@ -213,6 +224,9 @@ def main() -> None:
         help="also make the INT8 version of efficientnet_lite0 (calibrated on ../shared/data/hymenoptera) "
         "and serve it after the FP32 one, in the same run",
     )
+    parser.add_argument(
+        "--no-v2", action="store_true", help="skip the Open Inference Protocol (KServe v2) client variants"
+    )
     parser.add_argument("--json", action="store_true", help="print only a JSON object")
     args = parser.parse_args()
     if args.model and args.quantized:
@@ -233,6 +247,7 @@ def main() -> None:
     ratio_median: dict[str, float] = {}
     round_ratios: dict[str, list[dict[str, float]]] = {}
     non_2xx_64: dict[str, int] = {}
+    v2 = None if args.no_v2 else V2Rounds(served[0][0], served[0][1], photos, args.seconds)  # the first version
     for label, ref, stored in served:
         onnx_path, pre = stored.file("model.onnx"), stored.spec.preprocess  # type: ignore[attr-defined]
         mine = ceilings[label] = {}
@@ -264,6 +279,7 @@ def main() -> None:
             args.seconds,
             rounds=args.rounds,
             between=paired_ceiling,
+            also=v2 if v2 is not None and label == v2.label else None,
         )
         ratios = []
         for i, (ceil, ours) in enumerate(measured, 1):
@@ -284,6 +300,7 @@ def main() -> None:
             [sys.executable, "benchmarks/baseline_fastapi_torch.py"], env, photos, args.seconds
         )
         rows += [row("FastAPI + PyTorch eager", r) for r in base]
+    rows += v2.rows if v2 is not None else []
     first = served[0][0]
     result = {
         "machine": f"{os.cpu_count()} cores, {platform.processor() or platform.machine()}",
@@ -295,6 +312,7 @@ def main() -> None:
         "non_2xx_at_64": non_2xx_64,
         "over_baseline": round(best[first] / max(r.rps for r in base), 2) if base else None,
         "int8_over_fp32_http": round(best["int8"] / best["fp32"], 2) if "int8" in best else None,
+        "v2": v2.summary() if v2 is not None else None,
     }
     if args.json:
         print(json.dumps(result))
@@ -318,6 +336,16 @@ def main() -> None:
         print(f"backbones best ({first}) / FastAPI + PyTorch best: {result['over_baseline']:.2f}x (target >= 3)")
     if result["int8_over_fp32_http"]:
         print(f"HTTP best INT8 / FP32: {result['int8_over_fp32_http']:.2f}x")
+    if v2 is not None:
+        summary = v2.summary()
+        print(
+            f"[{v2.label}] v2 / /classify at 64 clients, images/s, median of rounds: "
+            f"{summary['v2_over_classify_at_64']:.2f} (target >= 0.9)"
+        )
+        print(
+            f"[{v2.label}] v2 8 photos per request / 1 per request, images/s: {summary['v2_x8_over_v2_x1']:.2f} "
+            f"(target >= 1); v2 non-2xx: {summary['non_2xx']} (target 0)"
+        )
 
 
 if __name__ == "__main__":

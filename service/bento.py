@@ -1,5 +1,6 @@
 """The BentoML service: BentoML runs the server (workers, ``/livez``, ``/readyz``, ``/metrics``,
-the OpenAPI page) and mounts the project's HTTP API (service/http.py) at the root.
+the OpenAPI page) and mounts the project's HTTP API (service/http.py, and the Open Inference
+Protocol's routes, service/oip_routes.py) at the root.
 
 Which models it serves comes from the settings (``BACKBONES_SERVE_MODELS``, set by
 ``backbones serve --model``); how many worker processes, from :func:`models.runtime.serving_plan`.
@@ -24,6 +25,8 @@ from models.runtime import pin_process, serving_plan, worker_cores
 
 from .drain import Drain, ReadinessMiddleware
 from .http import IMAGE_ROUTES, ImageRoutes, create_app
+from .oip import INFER_URL
+from .oip_routes import OipRoutes, add_oip_routes
 from .openapi import OpenAPIMiddleware
 from .pool import ModelPool
 
@@ -31,16 +34,17 @@ log = logging.getLogger(__name__)
 
 
 def tracing_config(settings: Settings) -> dict[str, Any]:
-    """BentoML's per-service tracing settings: the image routes left out unless ``trace_requests``."""
+    """BentoML's per-service tracing settings: the image and infer routes left out unless ``trace_requests``."""
     if settings.trace_requests:
         return {}
-    return {"excluded_urls": [rf"{route}(\?|$)" for route in IMAGE_ROUTES]}
+    return {"excluded_urls": [*(rf"{route}(\?|$)" for route in IMAGE_ROUTES), INFER_URL]}
 
 
 _settings = get_settings()
 _pool = ModelPool(_settings.served_refs(), settings=_settings)
 _drain = Drain(delay_seconds=_settings.drain_delay_seconds, drain_seconds=_settings.drain_seconds)
 app = create_app(_pool)
+add_oip_routes(app, _pool, _drain)  # the Open Inference Protocol (KServe v2) beside the project's routes
 
 
 @bentoml.service(
@@ -78,3 +82,4 @@ _service: Any = Backbones
 _service.add_asgi_middleware(ReadinessMiddleware, pool=_pool, drain=_drain)
 _service.add_asgi_middleware(OpenAPIMiddleware, document=lambda: _service.openapi_spec.asdict())
 _service.add_asgi_middleware(ImageRoutes, fastapi_app=app)
+_service.add_asgi_middleware(OipRoutes, fastapi_app=app)

@@ -152,7 +152,7 @@ class ImageHandler:
 
     def _count(self, endpoint: str, spec: VersionSpec | None, outcome: str) -> None:
         labels = (spec.name, spec.version) if spec else ("", "")
-        self.metrics.requests.labels(endpoint, *labels, outcome).inc()
+        self.metrics.requests.labels(endpoint, *labels, outcome, "backbones").inc()
 
 
 # -- the FastAPI app: the routes as the OpenAPI document declares them -----------------------------
@@ -174,6 +174,8 @@ def create_app(pool: ModelPool) -> FastAPI:
     app = FastAPI(title="backbones", description="Classify images and embed them with ONNX backbones.", version="1")
     app.state.pool = pool
     app.state.image_handler = ImageHandler(pool)
+    # the Open Inference Protocol's routes (service/oip.py) decode in the same threads
+    app.state.decode_pool = app.state.image_handler.decode_pool
     install_error_handlers(app)
     for route, endpoint, summary in (
         (f"/{CLASSIFY}", classify, "Top-k ImageNet (or fine-tuned) classes of an image"),
