@@ -699,7 +699,8 @@ def test_the_kserve_inferenceservice_runs_the_cpu_pod_with_protocol_v2() -> None
     env = {e["name"]: e["value"] for e in theirs["env"]}
     assert env.pop("PROTOCOL") == "v2"  # how KServe reads a custom predictor's protocol version
     assert env == {e["name"]: e["value"] for e in ours["env"] + patch["env"]}
-    assert theirs["resources"] == patch["resources"]
+    merged = {k: {**ours["resources"].get(k, {}), **v} for k, v in patch["resources"].items()}
+    assert theirs["resources"] == merged  # the overlay's patch merges into the base's resources
     for key in ("image", "args", "workingDir", "volumeMounts", "securityContext", "lifecycle"):
         assert theirs[key] == ours[key], key
     assert [p["containerPort"] for p in theirs["ports"]] == [p["containerPort"] for p in ours["ports"]]
@@ -707,5 +708,5 @@ def test_the_kserve_inferenceservice_runs_the_cpu_pod_with_protocol_v2() -> None
     assert probes["readinessProbe"]["path"] == "/v2/health/ready"
     assert probes["livenessProbe"]["path"] == probes["startupProbe"]["path"] == "/v2/health/live"
     assert {p["port"] for p in probes.values()} == {theirs["ports"][0]["containerPort"]}
-    for key in ("volumes", "terminationGracePeriodSeconds", "securityContext"):
+    for key in ("volumes", "terminationGracePeriodSeconds", "securityContext", "automountServiceAccountToken"):
         assert predictor[key] == pod[key], key
