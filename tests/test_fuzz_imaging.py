@@ -5,7 +5,8 @@ a message, or a correct tensor: shape (3, crop, crop), float32, finite. A short 
 the suite; ``make fuzz`` runs long (``BACKBONES_FUZZ_EXAMPLES`` examples per property).
 
 Found by this file and fixed: extreme aspect ratios (a 1x20000 sliver was resized to 256 x
-5,120,000 pixels, 3.9 GB and 13 s, before the crop).
+5,120,000 pixels, 3.9 GB and 13 s, before the crop). The byte budget of each decoded mode and the
+tiled conversions (equal to the full-size ones they replaced) are properties here too.
 """
 
 from __future__ import annotations
@@ -20,12 +21,13 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from models.errors import IMAGE_ERROR_KINDS, ImageError
-from models.imaging import ALLOWED_FORMATS
+from models.imaging import ALLOWED_FORMATS, tiles
 from models.preprocess import SLIVER_RATIO, ImageLoader, eval_transform, resized_size
 from models.samples import synthetic_image
 from models.spec import Preprocess
 
 from .conftest import fuzz_budget
+from .test_imaging import BYTES_PER_PIXEL, assert_same_as_before
 
 # damaged files make Pillow warn (skipped TIFF tags, corrupt EXIF) before it raises or recovers
 pytestmark = [pytest.mark.fuzz, pytest.mark.filterwarnings("ignore::UserWarning")]
@@ -159,6 +161,37 @@ def test_pixel_limit_is_enforced_before_decoding(w: int, h: int, limit: int) -> 
         assert isinstance(out, ImageError) and out.kind == "too_large"
     else:
         assert isinstance(out, np.ndarray)
+
+
+@FUZZ
+@given(st.sampled_from(sorted(BYTES_PER_PIXEL)), st.integers(1, 1500), st.integers(1, 1500), st.integers(1, 3_000_000))
+def test_byte_budget_of_every_mode_is_enforced(mode: str, w: int, h: int, limit: int) -> None:
+    """Refused iff the pixels exceed the limit or their bytes, in the decoded mode, exceed 3 x limit."""
+    data = encode(Image.new(mode, (w, h)), MODE_FORMATS[mode][0])
+    out = check_outcome(data, ImageLoader(PRE, max_pixels=limit))
+    if w * h > limit or w * h * BYTES_PER_PIXEL[mode] > 3 * limit:
+        assert isinstance(out, ImageError) and out.kind == "too_large"
+    else:
+        assert isinstance(out, np.ndarray)
+
+
+@FUZZ
+@given(valid_images(max_side=1200, max_pixels=60_000))
+def test_every_mode_decodes_as_before(image: tuple[bytes, str, str]) -> None:
+    """Conversions by tiles, through Pillow's point tables and alpha pastes, give exactly the
+    pixels the full-size float64 and RGBA conversions gave."""
+    assert_same_as_before(image[0])
+
+
+@FUZZ
+@given(st.integers(1, 700), st.integers(1, 700), st.integers(1, 50_000))
+def test_tiles_cover_the_image_once(w: int, h: int, tile_pixels: int) -> None:
+    count = np.zeros((h, w), np.int32)
+    for left, top, right, bottom in tiles(w, h, tile_pixels):
+        assert 0 <= left < right <= w and 0 <= top < bottom <= h
+        assert (right - left) * (bottom - top) <= tile_pixels
+        count[top:bottom, left:right] += 1
+    assert (count == 1).all()
 
 
 @FUZZ

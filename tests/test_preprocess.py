@@ -268,3 +268,22 @@ def test_loader_settings():
     with pytest.raises(ImageError) as e:
         loader(png(Image.new("RGB", (11, 10))))
     assert e.value.kind == "too_large"
+
+
+def test_loader_applies_the_byte_budget():
+    # 10x9 pixels fit a 100-pixel limit; as RGBA (4 bytes each) they exceed its 300-byte budget.
+    loader = ImageLoader(TINY, max_pixels=100)
+    assert loader(png(Image.new("RGB", (10, 9)))).shape == (3, 64, 64)
+    with pytest.raises(ImageError) as e:
+        loader(png(Image.new("RGBA", (10, 9))))
+    assert e.value.kind == "too_large"
+    assert "300 bytes" in str(e.value)
+
+
+def test_loader_output_of_a_16bit_image_equals_its_8bit_twin():
+    # 16-bit values v * 257 scale back to v exactly: the tensor is the 8-bit image's tensor.
+    a = np.random.default_rng(3).integers(0, 256, (300, 400), dtype=np.uint16)
+    sixteen = Image.fromarray(a * 257)
+    assert sixteen.mode == "I;16"
+    eight = Image.fromarray(a.astype(np.uint8))
+    np.testing.assert_array_equal(ImageLoader(RESNET)(png(sixteen)), ImageLoader(RESNET)(png(eight)))
