@@ -19,10 +19,10 @@ ONNX_FILENAME = "model.onnx"
 WEIGHTS_FILENAME = "weights.safetensors"
 SCHEMA_VERSION = 1
 
-# Bounds a spec's preprocessing must keep: a spec is data on disk, and a crop of 10^6 pixels or a
-# resize to 100x the crop would make every request allocate gigabytes.
+# Bounds a spec's preprocessing must keep: a spec is data on disk, and a crop or a resize of 10^5
+# pixels would make every request allocate gigabytes.
 MAX_CROP = 2048
-MAX_RESIZE_RATIO = 4
+MAX_RESIZE = 4096
 
 Interpolation = Literal["bilinear", "bicubic", "nearest"]
 # fp32: as exported from PyTorch; int8: statically quantized (QDQ) on CPUs; fp16: for GPUs.
@@ -42,9 +42,9 @@ class Preprocess:
     std: tuple[float, float, float] = IMAGENET_STD
 
     def __post_init__(self) -> None:
-        if not (0 < self.crop <= MAX_CROP and self.crop <= self.resize <= MAX_RESIZE_RATIO * self.crop):
+        if not (0 < self.crop <= MAX_CROP and self.crop <= self.resize <= MAX_RESIZE):
             raise ValueError(
-                f"preprocess needs 0 < crop <= {MAX_CROP} and crop <= resize <= {MAX_RESIZE_RATIO} x crop, "
+                f"preprocess needs 0 < crop <= {MAX_CROP} and crop <= resize <= {MAX_RESIZE}, "
                 f"got crop={self.crop}, resize={self.resize}"
             )
         values = (*self.mean, *self.std)
