@@ -7,7 +7,8 @@ from typing import Any
 
 import click
 
-from .common import echo_json, handle_errors, open_registry
+from .common import echo_json, handle_errors
+from .remote import add_remote_commands, registry_for, registry_option
 
 
 @click.group("models")
@@ -70,10 +71,11 @@ def _version_row(spec: Any, aliases: dict[str, list[str]]) -> dict[str, Any]:
 @models_group.command("list")
 @click.argument("name", required=False)
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON array instead of a table.")
+@registry_option
 @handle_errors
-def models_list(name: str | None, as_json: bool) -> None:
+def models_list(name: str | None, as_json: bool, registry_url: str | None) -> None:
     """Registered versions (of NAME, or all), oldest first, with their aliases."""
-    reg = open_registry()
+    reg = registry_for(registry_url)
     rows = []
     for spec in reg.list(name):
         by_version: dict[str, list[str]] = {}
@@ -97,10 +99,11 @@ def models_list(name: str | None, as_json: bool) -> None:
 @models_group.command("show")
 @click.argument("ref")
 @click.option("--json", "as_json", is_flag=True, help="Print the version record as JSON.")
+@registry_option
 @handle_errors
-def models_show(ref: str, as_json: bool) -> None:
+def models_show(ref: str, as_json: bool, registry_url: str | None) -> None:
     """One version's record: preprocessing, labels, lineage, checksums, verification, aliases."""
-    reg = open_registry()
+    reg = registry_for(registry_url)
     stored = reg.get(ref)
     doc = stored.spec.model_dump(mode="json")
     doc["aliases"] = {a: v for a, v in reg.aliases(stored.spec.name).items()}
@@ -149,14 +152,15 @@ def models_show(ref: str, as_json: bool) -> None:
 @click.argument("alias")
 @click.option("--remove", is_flag=True, help="Remove ALIAS from REF's model instead of moving it.")
 @click.option("--json", "as_json", is_flag=True, help="Print the recorded history event as JSON.")
+@registry_option
 @handle_errors
-def models_alias(ref: str, alias: str, remove: bool, as_json: bool) -> None:
+def models_alias(ref: str, alias: str, remove: bool, as_json: bool, registry_url: str | None) -> None:
     """Point ALIAS (production, staging, any name) at the version REF names.
 
     The move is atomic and recorded in an append-only history (see `models show`). A running
     service that follows the alias picks the new version up.
     """
-    reg = open_registry()
+    reg = registry_for(registry_url)
     if remove:
         from models.registry import Ref
 
@@ -183,9 +187,13 @@ def _ref_name(ref: str) -> str:
 @models_group.command("delete")
 @click.argument("ref")
 @click.option("--force", is_flag=True, help="Also delete a version that aliases point to (removes those aliases).")
+@registry_option
 @handle_errors
-def models_delete(ref: str, force: bool) -> None:
+def models_delete(ref: str, force: bool, registry_url: str | None) -> None:
     """Delete one version (REF must be NAME:VERSION or NAME@ALIAS). A version that an alias
     points to is kept unless --force."""
-    tag = open_registry().delete(ref, force=force)
+    tag = registry_for(registry_url).delete(ref, force=force)
     click.echo(f"deleted {tag}")
+
+
+add_remote_commands(models_group)

@@ -245,11 +245,13 @@ class Registry:
         spec_fields: Mapping[str, Any],
         *,
         version: str | None = None,
+        created_at: datetime | None = None,
     ) -> StoredVersion:
         """Register ``files`` (name in the version -> source path) as a new immutable version.
 
         ``spec_fields`` are the :class:`VersionSpec` fields other than name, version,
-        created_at and files, which are filled here. Returns the stored, checked version.
+        created_at and files, which are filled here (``version`` and ``created_at`` given: a copy
+        of a version from another registry). Returns the stored, checked version.
         """
         validate_name(name)
         version = validate_name(version, "version") if version else self.new_version_id(name)
@@ -274,7 +276,9 @@ class Registry:
             # what is hashed and checked is the copy that will be stored, not its source
             digests = {fname: sha256_file(staged / fname) for fname in files}
             try:
-                spec = VersionSpec(name=name, version=version, created_at=_now(), files=digests, **dict(spec_fields))
+                spec = VersionSpec(
+                    name=name, version=version, created_at=created_at or _now(), files=digests, **dict(spec_fields)
+                )
             except ValidationError as e:
                 raise RegistryError(f"invalid spec for {name}: {e}") from None
             preflight(staged / ONNX_FILENAME, expectation(spec), sha256=digests[ONNX_FILENAME], settings=self.settings)

@@ -30,6 +30,12 @@ class Settings(BaseSettings):
         default=None, validation_alias="TORCH_HOME", description="torchvision's weight cache root (torch.hub)."
     )
     xdg_cache_home: Path | None = Field(default=None, validation_alias="XDG_CACHE_HOME")
+    registry_url: str | None = Field(
+        default=None,
+        description="A registry in object storage (s3://bucket/prefix, file:///path, another fsspec URL): "
+        "the source of truth for `models list|show|alias|delete|push|pull`, with the local store as its "
+        "verified cache. Credentials: the AWS environment, profiles or roles (AWS_ENDPOINT_URL for MinIO).",
+    )
     providers: ProviderChoice = Field(
         default="auto",
         description="ONNX Runtime execution providers: auto = TensorRT, then CUDA, then CPU, "

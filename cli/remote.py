@@ -1,0 +1,113 @@
+"""``backbones models push | pull``, and ``--registry`` for ``models list | show | alias | delete``:
+a registry in object storage (``s3://bucket/prefix``, ``file:///path``...), by default the one
+``BACKBONES_REGISTRY_URL`` names. Credentials come from the AWS environment, profiles or roles."""
+
+from __future__ import annotations
+
+import sys
+from typing import TYPE_CHECKING, Any
+
+import click
+
+from .common import echo_json, handle_errors, open_registry
+
+if TYPE_CHECKING:
+    from models import Registry
+    from models.remote import RemoteRegistry
+    from models.transfer import Progress
+
+registry_option = click.option(
+    "--registry",
+    "registry_url",
+    metavar="URL",
+    default=None,
+    help="A registry in object storage: s3://bucket/prefix, file:///path, or another fsspec URL "
+    "[default: BACKBONES_REGISTRY_URL; unset or empty: the local store].",
+)
+
+
+def registry_for(url: str | None) -> Registry | RemoteRegistry:
+    """The remote registry ``url`` (or ``BACKBONES_REGISTRY_URL``) names, else the local store."""
+    from models import get_settings
+
+    chosen = url if url is not None else get_settings().registry_url
+    if not chosen:
+        return open_registry()
+    from models.remote import RemoteRegistry
+
+    return RemoteRegistry(chosen)
+
+
+def _remote(url: str | None) -> RemoteRegistry:
+    from models import RegistryError, get_settings
+    from models.remote import RemoteRegistry
+
+    chosen = url or get_settings().registry_url
+    if not chosen:
+        raise RegistryError("no remote registry: pass --registry s3://bucket/prefix or set BACKBONES_REGISTRY_URL")
+    return RemoteRegistry(chosen)
+
+
+def _progress() -> Progress | None:
+    """A progress bar per file on stderr, when stderr is a terminal."""
+    if not sys.stderr.isatty():
+        return None
+    from fsspec.callbacks import TqdmCallback
+
+    def bar(label: str, size: int) -> Any:
+        kwargs = {"desc": label, "unit": "B", "unit_scale": True, "unit_divisor": 1024, "file": sys.stderr}
+        return TqdmCallback(tqdm_kwargs={**kwargs, "leave": False})
+
+    return bar
+
+
+@click.command("push")
+@click.argument("ref")
+@registry_option
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@handle_errors
+def push_cmd(ref: str, registry_url: str | None, as_json: bool) -> None:
+    """Copy version REF from the local store to the remote registry, same name and version.
+
+    The local files are checked first. The version appears in the remote only once all its files
+    are uploaded and checked; a push killed half-way leaves nothing visible (the next push cleans
+    up). A version the remote already holds is not uploaded again. Prints NAME:VERSION.
+    """
+    remote = _remote(registry_url)
+    pushed = remote.push(open_registry(), ref, progress=_progress())
+    if as_json:
+        echo_json({"tag": pushed.tag, "registry": remote.url, "uploaded": pushed.uploaded, "bytes": pushed.sent})
+        return
+    click.echo(f"{'pushed' if pushed.uploaded else 'already'} in {remote.url}: {pushed.tag}", err=True)
+    click.echo(pushed.tag)
+
+
+@click.command("pull")
+@click.argument("ref")
+@registry_option
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@handle_errors
+def pull_cmd(ref: str, registry_url: str | None, as_json: bool) -> None:
+    """Copy version REF (NAME, NAME:VERSION or NAME@ALIAS, resolved in the remote registry) into
+    the local store, same name and version.
+
+    Every file is checked against the sha256 in its spec before the version is registered; a
+    version already in the local store (checked, identical) is not downloaded again. Prints
+    NAME:VERSION.
+    """
+    from models.registry import Ref
+
+    remote, local = _remote(registry_url), open_registry()
+    had = {s.version for s in local.versions(Ref.parse(ref).name)}
+    stored = remote.pull(ref, local, progress=_progress())
+    downloaded = stored.spec.version not in had
+    if as_json:
+        echo_json({"tag": stored.tag, "registry": remote.url, "downloaded": downloaded, "path": str(stored.path)})
+        return
+    click.echo(f"{'pulled from' if downloaded else 'already pulled from'} {remote.url}: {stored.tag}", err=True)
+    click.echo(stored.tag)
+
+
+def add_remote_commands(group: click.Group) -> None:
+    group.add_command(push_cmd)
+    group.add_command(pull_cmd)
