@@ -46,12 +46,16 @@ def venv_python() -> Path:
     return python
 
 
-def start(version_dir: Path, port: int, *, instances: int, max_batch: int, queue_delay_us: int, log: Path) -> subprocess.Popen[bytes]:
+def start(
+    version_dir: Path, port: int, *, instances: int, max_batch: int, queue_delay_us: int, log: Path
+) -> subprocess.Popen[bytes]:
     """Start the Triton baseline on ``port`` (HTTP) serving the version in ``version_dir``."""
     env = {
         **os.environ,
         "PYTHONPATH": str(ROOT),
-        "LD_LIBRARY_PATH": os.pathsep.join(filter(None, [sysconfig.get_config_var("LIBDIR"), os.environ.get("LD_LIBRARY_PATH")])),
+        "LD_LIBRARY_PATH": os.pathsep.join(
+            filter(None, [sysconfig.get_config_var("LIBDIR"), os.environ.get("LD_LIBRARY_PATH")])
+        ),
     }
     args = [
         str(venv_python()),
@@ -77,7 +81,12 @@ def v2_request(host: str, image: bytes, model: str = MODEL, output: str = "logit
     header = json.dumps(
         {
             "inputs": [
-                {"name": "image", "shape": [1, 1], "datatype": "BYTES", "parameters": {"binary_data_size": len(image) + 4}}
+                {
+                    "name": "image",
+                    "shape": [1, 1],
+                    "datatype": "BYTES",
+                    "parameters": {"binary_data_size": len(image) + 4},
+                }
             ],
             "outputs": [{"name": output, "parameters": {"binary_data": True}}],
         }

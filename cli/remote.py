@@ -9,21 +9,14 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from .common import echo_json, handle_errors, open_registry
+from .common import SettingOption, echo_json, handle_errors, open_registry
 
 if TYPE_CHECKING:
     from models import Registry
     from models.remote import RemoteRegistry
     from models.transfer import Progress
 
-registry_option = click.option(
-    "--registry",
-    "registry_url",
-    metavar="URL",
-    default=None,
-    help="A registry in object storage: s3://bucket/prefix, file:///path, or another fsspec URL "
-    "[default: BACKBONES_REGISTRY_URL; unset or empty: the local store].",
-)
+registry_option = click.option("--registry", "registry_url", cls=SettingOption, setting="registry_url", metavar="URL")
 
 
 def registry_for(url: str | None) -> Registry | RemoteRegistry:
