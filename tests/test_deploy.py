@@ -330,4 +330,4 @@ def test_bentoml_build_packages_the_service(tmp_path: Path, bentofile: str) -> N
         assert "cuda" in dockerfile.lower()
     root = load_all(ROOT / "bentofile.yaml")[0]
     this = load_all(ROOT / bentofile)[0]
-    assert this["python"]["packages"] == root["python"]["packages"] and this["include"] == root["include"]
+    assert this["python"] == root["python"] and this["include"] == root["include"]

@@ -89,3 +89,45 @@ def test_network_policy_opens_only_the_http_port() -> None:
     egress_ports = {p["port"] for rule in policy["spec"]["egress"] for p in rule["ports"]}
     assert egress_ports == {53}
     assert "networkpolicy.yaml" in load(BASE / "kustomization.yaml")["resources"]
+
+
+def _requirements() -> dict[str, str]:
+    lines = (ROOT / "deploy" / "requirements-serve.txt").read_text().splitlines()
+    pins = [line.split(";")[0].strip() for line in lines if line and not line.startswith("#")]
+    return {name.lower().replace("_", "-"): version for name, _, version in (p.partition("==") for p in pins)}
+
+
+def test_the_service_image_installs_the_locked_versions() -> None:
+    """deploy/requirements-serve.txt is what uv.lock says (regenerated, it is unchanged), every
+    line is an exact pin, and both bentofiles install from it."""
+    proc = subprocess.run(["make", "-s", "check-requirements"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    pins = _requirements()
+    assert pins and all(v for v in pins.values())
+    for bentofile in (ROOT / "bentofile.yaml", ROOT / "deploy" / "overlays" / "gpu" / "bentofile.yaml"):
+        python = load(bentofile)["python"]
+        assert python == {"requirements_txt": "./deploy/requirements-serve.txt", "lock_packages": False}, bentofile
+    # the training stack stays out of the image
+    assert not {"torch", "torchvision", "timm", "ray"} & pins.keys()
+
+
+def test_everything_the_service_imports_is_in_the_image() -> None:
+    """Import what `backbones serve` runs (the CLI's serve command, the service's modules, the
+    remote registry) in a fresh interpreter: each third-party distribution loaded is pinned, and
+    neither the batch job nor the trainer (which the image does not ship) is imported."""
+    code = (
+        "import sys, json, importlib.metadata as md\n"
+        "at_start = set(sys.modules)  # what site (.pth files) loaded, not the service\n"
+        "import cli.main, cli.serve, service.http, service.pool, service.drain, service.batching\n"
+        "import service.oip_routes, service.metrics, models.remote, bentoml, onnxruntime\n"
+        "dists = md.packages_distributions()\n"
+        "loaded = {d for m in set(sys.modules) - at_start for d in dists.get(m.split('.')[0], [])}\n"
+        "assert not {m.split('.')[0] for m in sys.modules} & {'embed', 'finetune', 'torch'}, 'not in the image'\n"
+        "print(json.dumps(sorted(loaded)))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True, timeout=300
+    )
+    loaded = {d.lower().replace("_", "-") for d in __import__("json").loads(out.stdout)}
+    missing = loaded - _requirements().keys() - {"backbones"}
+    assert not missing, f"imported by the service but not in deploy/requirements-serve.txt: {sorted(missing)}"
