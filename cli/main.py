@@ -16,6 +16,7 @@ from models.inference import DEFAULT_TOP_K
 
 from .common import Deferred, SettingOption, echo_json, handle_errors, open_registry
 from .registry import models_group
+from .remote import local_version, publish, registry_option
 from .serve import serve_cmd
 
 
@@ -137,6 +138,7 @@ def _quantize_default(option: str) -> Deferred:
     show_default=True,
     help="Seed of the calibration/held-out split.",
 )
+@registry_option
 @click.option("--json", "as_json", is_flag=True, help="Print the registered version record as JSON.")
 @handle_errors
 def export_cmd(
@@ -151,10 +153,13 @@ def export_cmd(
     holdout_fraction: float,
     float_first_convs: int,
     seed: int,
+    registry_url: str | None,
     as_json: bool,
 ) -> None:
     """Export catalog model NAME to ONNX, verify it against PyTorch and register it; or, with
     --quantize int8 / --precision fp16, convert NAME (catalog or registered) to INT8 / FP16.
+    With a remote registry (--registry or BACKBONES_REGISTRY_URL) the new version is published
+    there too, and a NAME only the remote has is pulled first.
 
     Prints the new tag (NAME:VERSION). Verification: onnx.checker, then ONNX Runtime vs PyTorch
     on preprocessed images (identical top-1, logits within the export's tolerance, reported with
@@ -175,14 +180,13 @@ def export_cmd(
             "--quantize int8 needs --calibration DIR: a folder of photos like those the model will see"
         )
     if not quantize and precision == "fp32":
-        _export_fp32(name, as_name, verify_images, as_json)
+        _export_fp32(name, as_name, verify_images, registry_url, as_json)
         return
     from models import get_settings
-    from models.export import ensure_version
 
     registry = open_registry()
     threshold = min_agreement if min_agreement is not None else get_settings().quantize_min_agreement
-    parent = ensure_version(name, registry)
+    parent = local_version(name, registry_url)
     if quantize:
         from models.quantize import QuantizeOptions, quantize_version
 
@@ -216,6 +220,7 @@ def export_cmd(
             min_agreement=threshold,
             verify_sources=list(image_paths([str(photos)])) if photos else None,
         )
+    publish(stored, registry_url, quiet=as_json)
     _report_version(
         stored,
         as_json,
@@ -236,13 +241,16 @@ def _report_version(stored: Any, as_json: bool, summary: Callable[[dict[str, Any
     click.echo(stored.tag)
 
 
-def _export_fp32(name: str, as_name: str | None, verify_images: Path | None, as_json: bool) -> None:
+def _export_fp32(
+    name: str, as_name: str | None, verify_images: Path | None, registry_url: str | None, as_json: bool
+) -> None:
     from models.export import export_catalog
 
     sources = list(image_paths([str(verify_images)]))[:16] if verify_images else None
     if not as_json:
         click.echo(f"exporting {name} ...", err=True)
     stored = export_catalog(name, registry=open_registry(), as_name=as_name, verify_sources=sources)
+    publish(stored, registry_url, quiet=as_json)
     _report_version(
         stored,
         as_json,

@@ -12,7 +12,7 @@ import click
 from .common import SettingOption, echo_json, handle_errors, open_registry
 
 if TYPE_CHECKING:
-    from models import Registry
+    from models import Registry, StoredVersion
     from models.remote import RemoteRegistry
     from models.transfer import Progress
 
@@ -29,6 +29,43 @@ def registry_for(url: str | None) -> Registry | RemoteRegistry:
     from models.remote import RemoteRegistry
 
     return RemoteRegistry(chosen)
+
+
+def publish(stored: StoredVersion, url: str | None, *, quiet: bool) -> None:
+    """Push a version just registered in the local store to the remote registry, when there is one
+    (``url``, else ``BACKBONES_REGISTRY_URL``): `export`, conversions and `finetune` publish this way."""
+    from models import BackbonesError, get_settings
+    from models.remote import RemoteRegistry
+
+    chosen = url if url is not None else get_settings().registry_url
+    if not chosen:
+        return
+    remote = RemoteRegistry(chosen)
+    try:
+        pushed = remote.push(open_registry(), stored.tag, progress=_progress())
+    except BackbonesError as e:
+        raise type(e)(
+            f"{stored.tag} is registered in the local store but was not published to {remote.url}: {e}"
+        ) from None
+    if not quiet:
+        click.echo(f"published to {remote.url}: {pushed.tag}", err=True)
+
+
+def local_version(ref: str, url: str | None) -> StoredVersion:
+    """The version ``ref`` names in the local store: exported on first use for a catalog name, or
+    pulled from the remote registry (``url``, else ``BACKBONES_REGISTRY_URL``) when only it has it."""
+    from models import UnknownModelError, get_settings
+    from models.export import ensure_version
+    from models.remote import RemoteRegistry
+
+    local = open_registry()
+    try:
+        return ensure_version(ref, local)
+    except UnknownModelError:
+        chosen = url if url is not None else get_settings().registry_url
+        if not chosen:
+            raise
+        return RemoteRegistry(chosen).pull(ref, local, progress=_progress())
 
 
 def _remote(url: str | None) -> RemoteRegistry:

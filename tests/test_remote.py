@@ -449,3 +449,28 @@ def test_credentials_never_reach_the_logs(run_cli, s3_url: str) -> None:  # type
     assert "DEBUG" in result.stderr  # debug logging was on
     for secret in secrets.values():
         assert secret not in result.stderr + result.stdout
+
+
+@pytest.mark.slow
+def test_export_and_conversion_publish_to_the_remote(run_cli, s3_url: str, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """`export` with a remote registry publishes the new version; a conversion of a version only the
+    remote has pulls it first and publishes its result; without a remote nothing is published."""
+    env = {"BACKBONES_REGISTRY_URL": s3_url}
+    exported = run_cli("export", "tiny_cnn", extra_env=env)
+    assert exported.returncode == 0, exported.stderr
+    tag = exported.stdout.strip()
+    assert "published to" in exported.stderr
+    remote = [r["tag"] for r in json.loads(run_cli("models", "list", "--json", extra_env=env).stdout)]
+    assert remote == [tag]
+
+    elsewhere = tmp_path / "another-machine"  # an empty local store: the parent is only in the bucket
+    converted = run_cli("export", tag, "--as", "tiny_fp16", "--precision", "fp16", home_dir=elsewhere, extra_env=env)
+    assert converted.returncode == 0, converted.stderr
+    fp16 = converted.stdout.strip()
+    remote = {r["tag"] for r in json.loads(run_cli("models", "list", "--json", extra_env=env).stdout)}
+    assert remote == {tag, fp16}
+    local = {r["tag"] for r in json.loads(run_cli("models", "list", "--json", home_dir=elsewhere).stdout)}
+    assert local == {tag, fp16}  # the parent was pulled, verified, into the local cache
+
+    plain = run_cli("export", "tiny_cnn", extra_env={"BACKBONES_REGISTRY_URL": ""}, home_dir=tmp_path / "alone")
+    assert plain.returncode == 0 and "published" not in plain.stderr
