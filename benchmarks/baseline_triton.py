@@ -12,15 +12,14 @@ patch release makes the stub fail in multiprocessing).
     python benchmarks/baseline_triton.py --version-dir DIR --port 8000 [--instances 2]
 
 serves until interrupted; bench_serve.py starts it with :func:`start`. Clients speak the Open
-Inference Protocol: :func:`v2_request` builds one request with the binary tensor extension.
+Inference Protocol (oip_load.py builds the requests: shape [1, 1], binary tensor extension, top-5
+through the classification extension, as for our own v2 route).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import struct
 import subprocess
 import sys
 import sysconfig
@@ -73,30 +72,6 @@ def start(
     ]
     with open(log, "wb") as out:
         return subprocess.Popen(args, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-
-
-def v2_request(host: str, image: bytes, model: str = MODEL, output: str = "logits") -> bytes:
-    """One raw HTTP/1.1 Open Inference Protocol request: one encoded image as a BYTES tensor
-    of shape [1, 1] in binary form, ``output`` asked for in binary."""
-    header = json.dumps(
-        {
-            "inputs": [
-                {
-                    "name": "image",
-                    "shape": [1, 1],
-                    "datatype": "BYTES",
-                    "parameters": {"binary_data_size": len(image) + 4},
-                }
-            ],
-            "outputs": [{"name": output, "parameters": {"binary_data": True}}],
-        }
-    ).encode()
-    body = header + struct.pack("<I", len(image)) + image
-    head = (
-        f"POST /v2/models/{model}/infer HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/octet-stream\r\n"
-        f"Inference-Header-Content-Length: {len(header)}\r\nContent-Length: {len(body)}\r\n\r\n"
-    )
-    return head.encode() + body
 
 
 def serve(version_dir: Path, port: int, instances: int, max_batch: int, queue_delay_us: int) -> None:

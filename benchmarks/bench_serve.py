@@ -1,350 +1,311 @@
-"""Serving throughput, measured side by side in one run on ../shared/data/imagenet-sample:
+"""Serving throughput and latency, side by side in one run on ../shared/data/imagenet-sample:
 
-1. the in-process ceiling: decode + preprocess + ONNX Runtime on both cores, no HTTP, the best of
-   a few configurations: decode threads feeding batched calls on all cores, and one worker per core
-   that decodes and runs batch-1 calls on one thread (ONNX Runtime sessions take concurrent calls);
-2. `backbones serve` (BentoML) over HTTP at 1, 16 and 64 clients: images/s, p50/p99, non-2xx;
-3. a straightforward FastAPI + PyTorch eager server (benchmarks/baseline_fastapi_torch.py), same
-   model and photos, same client counts;
-4. the first served version over the Open Inference Protocol (KServe v2, benchmarks/oip_load.py:
-   binary tensor data, top-5 classification) in each round right after the /classify loads: one
-   photo per request at 64 clients, and 8 photos per request at 8 clients (the same photos in
-   flight). --no-v2 leaves it out.
+1. the in-process ceiling (decode + preprocess + ONNX Runtime on every core, no HTTP; the best of
+   a few arrangements, serve_ceiling.py) and the time one photo takes alone;
+2. at 1, 4, 16 and 64 keep-alive clients: `backbones serve`, NVIDIA Triton (PyTriton's bundled
+   server with the same ONNX graph and our preprocessing in its Python model, dynamic batching,
+   one instance per core: baseline_triton.py) and a FastAPI + PyTorch eager server;
+3. the Open Inference Protocol client on `backbones serve` (one photo per request, and 8).
 
-The server runs in --rounds rounds (default 3): each re-measures the best ceiling arrangement while
-the server idles, then the HTTP load; the HTTP/ceiling ratio is the median of the rounds' ratios
-(this VM's speed drifts within minutes, so each ratio compares runs minutes apart at most).
+Every round re-measures the ceiling, then each server in turn (the order alternates between
+rounds) while the others are paused (SIGSTOP), so no server competes with another for the two
+cores. Every round is reported, not only the best.
 
-Targets (issue #3): HTTP >= 0.85 x ceiling at its best concurrency, zero non-2xx at 64 clients,
->= 3 x the baseline. v2: >= 0.9 x /classify's images/s at 64 clients, and 8 photos per request at
-least as many images/s as one.
-Usage: uv run python benchmarks/bench_serve.py [--seconds 20] [--rounds 3] [--json] [--no-v2]
-[--quantized: the INT8 version of the model too, side by side | --model REF: a version you registered]
+Targets: at 16 and 64 clients >= 0.85 x the round's ceiling in every round and >= 1.3 x Triton's
+images/s; p50 at 16 clients <= Triton's; p50 at 1 client <= 1.3 x one photo alone; no non-2xx.
+Phases after the first (--phases): `several` (a second model served beside the first, the load on
+the first), `swap` (right after a hot swap of the served alias), `int8` (the INT8 version of the
+model): `backbones serve` once each against a fresh ceiling.
+
+Usage: uv run python benchmarks/bench_serve.py [--seconds 15] [--rounds 3] [--phases one,several,swap]
+[--model REF] [--no-triton] [--no-baseline] [--no-v2] [--json]   (Triton: `make bench` installs it)
 """
 
 from __future__ import annotations
 
 import argparse
-import functools
-import itertools
 import json
 import os
 import platform
-import socket
-import statistics
-import subprocess
 import sys
 import tempfile
 import time
-from collections import deque
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
-
-import httpx
-import numpy as np
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from loadgen import LoadResult, multipart_request, run_load
+import serve_ceiling
+import serve_servers
+from loadgen import LoadResult, run_load
 from oip_load import V2Rounds
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "imagenet-sample"
-CLIENTS = (1, 16, 64)
+CLIENTS = (1, 4, 16, 64)
+PHASES = ("one", "several", "swap", "int8")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+@dataclass
+class Round:
+    phase: str
+    index: int
+    ceiling: float
+    loads: dict[str, list[LoadResult]] = field(default_factory=dict)  # server name -> one per client count
+
+    def at(self, server: str, clients: int) -> LoadResult | None:
+        return next((r for r in self.loads.get(server, []) if r.clients == clients), None)
 
 
-def ceiling(onnx_path: Path, pre, photos: list[bytes], decode_threads: int, batch: int, seconds: float) -> float:  # type: ignore[no-untyped-def]
-    """Decode threads run ahead of one batched ONNX Runtime call at a time on every core."""
-    from models.preprocess import ImageLoader
-    from models.runtime import OnnxSession
-
-    session = OnnxSession(onnx_path, threads=os.cpu_count())
-    loader = ImageLoader(pre)
-    source = itertools.cycle(photos)
-    with ThreadPoolExecutor(decode_threads) as pool:
-        pending = deque(pool.submit(loader, next(source)) for _ in range(2 * batch))
-        done = 0
-        start = time.perf_counter()
-        while time.perf_counter() - start < seconds:
-            arrays = [pending.popleft().result() for _ in range(batch)]
-            pending.extend(pool.submit(loader, next(source)) for _ in range(batch))
-            session.run(np.stack(arrays))
-            done += batch
-        elapsed = time.perf_counter() - start
-        for f in pending:
-            f.cancel()
-    return done / elapsed
+def load_all(server: serve_servers.ServerProcess, photos: list[bytes], seconds: float) -> list[LoadResult]:
+    requests = [server.request(p) for p in photos]
+    run_load(serve_servers.HOST, server.port, requests, 4, 2.0)  # warm-up: connections, caches
+    return [run_load(serve_servers.HOST, server.port, requests, c, seconds) for c in CLIENTS]
 
 
-def ceiling_workers(onnx_path: Path, pre, photos: list[bytes], workers: int, seconds: float) -> float:  # type: ignore[no-untyped-def]
-    """``workers`` threads each decode one photo and run it (batch 1) on a shared one-thread session."""
-    from models.preprocess import ImageLoader
-    from models.runtime import OnnxSession
-
-    session = OnnxSession(onnx_path, threads=1)
-    loader = ImageLoader(pre)
-    stop = time.perf_counter() + seconds
-    counts = [0] * workers
-
-    def work(i: int) -> None:
-        for photo in itertools.islice(itertools.cycle(photos), i * 7, None):
-            if time.perf_counter() >= stop:
-                return
-            session.run(loader(photo)[None])
-            counts[i] += 1
-
-    start = time.perf_counter()
-    with ThreadPoolExecutor(workers) as pool:
-        list(pool.map(work, range(workers)))
-    return sum(counts) / (time.perf_counter() - start)
-
-
-def wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float = 300) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"server exited with {proc.returncode}")
-        try:
-            if httpx.get(url + "/readyz", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise SystemExit(f"{url} not ready after {timeout} s")
-
-
-def measure_server(
-    args: list[str],
-    env: dict[str, str],
+def measure_rounds(
+    phase: str,
+    servers: list[serve_servers.ServerProcess],
+    version: Any,
+    best: str,
     photos: list[bytes],
-    seconds: float,
-    *,
-    rounds: int = 1,
-    between: Callable[[], float] | None = None,
-    also: Callable[[int, list[LoadResult]], None] | None = None,
-) -> list[tuple[float | None, list[LoadResult]]]:
-    """Start the server once; each round runs ``between`` (the in-process ceiling, while the
-    server idles) and then the load at every client count, then ``also(port, loads)``. Returns
-    (ceiling, loads) per round."""
-    port = free_port()
-    proc = subprocess.Popen(
-        [*args, "--port", str(port)],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    try:
-        wait_ready(f"http://127.0.0.1:{port}", proc)
-        requests = [multipart_request("127.0.0.1", "/classify", p) for p in photos]
-        run_load("127.0.0.1", port, requests, 4, 3.0)  # warm-up
-        out: list[tuple[float | None, list[LoadResult]]] = []
-        for _ in range(rounds):
-            ceiling_rate = between() if between is not None else None
-            out.append((ceiling_rate, [run_load("127.0.0.1", port, requests, c, seconds) for c in CLIENTS]))
-            if also is not None:
-                also(port, out[-1][1])
-        return out
-    finally:
-        os.killpg(proc.pid, 15)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, 9)
+    args: argparse.Namespace,
+    log: Any,
+    also: Any = None,
+) -> list[Round]:
+    """``args.rounds`` rounds (one for phases after the first): the ceiling with every server
+    paused, then each server alone, in an order that alternates between rounds."""
+    rounds = []
+    onnx_path, pre = version.file("model.onnx"), version.spec.preprocess
+    for i in range(1, (args.rounds if phase == "one" else 1) + 1):
+        for s in servers:
+            s.pause()
+        rnd = Round(phase, i, serve_ceiling.remeasure(best, onnx_path, pre, photos, args.seconds / 2))
+        log(f"[{phase}] round {i}: ceiling {rnd.ceiling:.1f} images/s")
+        for s in servers if i % 2 else servers[::-1]:
+            s.resume()
+            rnd.loads[s.name] = load_all(s, photos, args.seconds)
+            if also is not None and s is servers[0]:
+                also(s.port, rnd.loads[s.name])
+            s.pause()
+            log(f"[{phase}] round {i}: {s.name}: " + ", ".join(f"{r.clients}c {r.rps:.1f}" for r in rnd.loads[s.name]))
+        rounds.append(rnd)
+    return rounds
 
 
-def row(name: str, r: LoadResult) -> dict[str, object]:
-    return {
-        "server": name,
-        "clients": r.clients,
-        "images_per_s": round(r.rps, 1),
-        "p50_ms": round(r.percentile(50), 1),
-        "p99_ms": round(r.percentile(99), 1),
-        "non_2xx": r.non_2xx,
-        "requests": r.ok + r.non_2xx,
-    }
-
-
-def served_versions(args: argparse.Namespace, log) -> tuple[Path, list[tuple[str, str, object]]]:  # type: ignore[no-untyped-def]
-    """The registry home and the (label, ref, stored version) to serve, one after the other."""
+def registry_versions(args: argparse.Namespace, log: Any) -> tuple[Path, dict[str, Any]]:
+    """A registry with what the phases serve: the model (and a second version of it for `swap`),
+    a second model for `several`, the INT8 version for `int8`."""
     from models import Registry
     from models.export import export_catalog
 
     if args.model:
         reg = Registry()
-        stored = reg.get(args.model)
-        return reg.home, [(f"{stored.tag} ({stored.spec.precision})", args.model, stored)]
+        return reg.home, {"main": reg.get(args.model)}
     home = Path(tempfile.mkdtemp(prefix="bench-serve-")) / "bentoml"
     reg = Registry(home)
-    stored = export_catalog("efficientnet_lite0", registry=reg)
-    served: list[tuple[str, str, object]] = [("fp32", "efficientnet_lite0", stored)]
-    if args.quantized:
+    out = {"main": export_catalog("efficientnet_lite0", registry=reg)}
+    reg.set_alias(out["main"].tag, "production")
+    if "several" in args.phases:
+        out["second"] = export_catalog("efficientnet_lite1", registry=reg)
+    if "swap" in args.phases:
+        out["next"] = export_catalog("efficientnet_lite0", registry=reg)
+    if "int8" in args.phases:
         from models.quantize import QuantizeOptions, quantize_version
 
         calib = args.data.parent / "hymenoptera" / "train"
-        if not calib.is_dir():
-            raise SystemExit(f"--quantized calibrates on {calib}, which is absent")
         photos = sorted(p for p in calib.rglob("*") if p.is_file())
         # 49 held-out photos cannot show 98 % unless all 49 agree: the gate is set at 95 % here
-        q = quantize_version(
-            stored, photos, registry=reg, name="efficientnet_lite0_int8", options=QuantizeOptions(min_agreement=0.95)
+        out["int8"] = quantize_version(
+            out["main"], photos, registry=reg, name="lite0_int8", options=QuantizeOptions(min_agreement=0.95)
         )
-        log(f"quantized: {q.tag}")
-        served.append(("int8", "efficientnet_lite0_int8", q))
-    return home, served
+    log("registered: " + ", ".join(v.tag for v in out.values()))
+    return home, out
+
+
+def swap_alias(server: serve_servers.ServerProcess, home: Path, target: Any, timeout: float = 120) -> float:
+    """Move `production` to ``target`` and wait until the server answers with it; seconds taken."""
+    import httpx
+
+    from models import Registry
+
+    start = time.monotonic()
+    Registry(home).set_alias(target.tag, "production")
+    while time.monotonic() - start < timeout:
+        served = httpx.get(f"http://{serve_servers.HOST}:{server.port}/models", timeout=5).json()
+        if any(m.get("version") == target.spec.version for m in served.get("models", [])):
+            return time.monotonic() - start
+        time.sleep(0.5)
+    raise SystemExit(f"the server did not swap to {target.tag} within {timeout} s")
+
+
+def run_phase(phase: str, versions: dict[str, Any], env: dict[str, str], best: str, photos, args, log) -> list[Round]:  # type: ignore[no-untyped-def]
+    main = versions["main"]
+    refs = {
+        "several": [f"{main.spec.name}@production", versions.get("second", main).spec.name],
+        "int8": [versions.get("int8", main).tag],
+    }.get(phase, [f"{main.spec.name}@production"])
+    ours = serve_servers.backbones(refs, env)
+    ours.launch(Path(tempfile.gettempdir()) / f"bench-serve-{phase}.log")
+    try:
+        if phase == "swap":
+            log(
+                f"[swap] swapped to {versions['next'].tag} in {swap_alias(ours, env_home(env), versions['next']):.1f} s"
+            )
+        version = versions["int8"] if phase == "int8" else main
+        return measure_rounds(phase, [ours], version, best, photos, args, log)
+    finally:
+        ours.stop()
+
+
+def env_home(env: dict[str, str]) -> Path:
+    return Path(env["BENTOML_HOME"])
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="folder of photos (default: %(default)s)")
-    parser.add_argument("--seconds", type=float, default=20.0, help="seconds per measurement")
-    parser.add_argument("--no-baseline", action="store_true", help="skip the FastAPI + PyTorch server")
-    parser.add_argument(
-        "--rounds",
-        type=int,
-        default=3,
-        help="rounds of (ceiling, HTTP at every client count) on one server; the median ratio counts",
-    )
-    parser.add_argument(
-        "--model",
-        metavar="REF",
-        help="serve this registered version from $BENTOML_HOME (an INT8 one, say) instead of a fresh "
-        "efficientnet_lite0 export in a temporary registry",
-    )
-    parser.add_argument(
-        "--quantized",
-        action="store_true",
-        help="also make the INT8 version of efficientnet_lite0 (calibrated on ../shared/data/hymenoptera) "
-        "and serve it after the FP32 one, in the same run",
-    )
-    parser.add_argument(
-        "--no-v2", action="store_true", help="skip the Open Inference Protocol (KServe v2) client variants"
-    )
-    parser.add_argument("--json", action="store_true", help="print only a JSON object")
-    args = parser.parse_args()
-    if args.model and args.quantized:
-        parser.error("--quantized makes its own INT8 version; to serve one you made, give it with --model alone")
+    args = parse_args()
     if not args.data.is_dir():
         raise SystemExit(f"no photos at {args.data} (the benchmark needs ../shared/data/imagenet-sample)")
-    photos = [
-        p.read_bytes() for p in sorted(args.data.iterdir()) if p.is_file() and p.suffix.lower() in (".jpeg", ".jpg")
-    ]
+    photos = [p.read_bytes() for p in sorted(args.data.iterdir()) if p.suffix.lower() in (".jpeg", ".jpg")]
     log = (lambda *a: None) if args.json else (lambda *a: print(*a, file=sys.stderr, flush=True))
-    home, served = served_versions(args, log)
+    home, versions = registry_versions(args, log)
     env = {**os.environ, "BENTOML_HOME": str(home), "BENTOML_DO_NOT_TRACK": "true"}
-    cores = os.cpu_count() or 1
+    main_version = versions["main"]
+    onnx_path, pre = main_version.file("model.onnx"), main_version.spec.preprocess
+    arrangements = serve_ceiling.arrangements(onnx_path, pre, photos, args.seconds / 2)
+    best = max(arrangements, key=arrangements.__getitem__)
+    alone_ms = serve_ceiling.single_photo_ms(onnx_path, pre, photos)
+    log(f"ceiling arrangements: {arrangements}; one photo alone: {alone_ms:.1f} ms")
 
-    ceilings: dict[str, dict[str, float]] = {}
-    rows: list[dict[str, object]] = []
-    best: dict[str, float] = {}  # median over rounds of the best client count's images/s
-    ratio_median: dict[str, float] = {}
-    round_ratios: dict[str, list[dict[str, float]]] = {}
-    non_2xx_64: dict[str, int] = {}
-    v2 = None if args.no_v2 else V2Rounds(served[0][0], served[0][1], photos, args.seconds)  # the first version
-    for label, ref, stored in served:
-        onnx_path, pre = stored.file("model.onnx"), stored.spec.preprocess  # type: ignore[attr-defined]
-        mine = ceilings[label] = {}
-        for threads, batch in [(cores, 16), (cores, 8)]:
-            mine[f"decode_threads={threads} batch={batch} ort_threads={cores}"] = ceiling(
-                onnx_path, pre, photos, threads, batch, args.seconds / 2
+    servers = [serve_servers.backbones([f"{main_version.spec.name}@production"], env)]
+    if not args.no_triton:
+        servers.append(
+            serve_servers.triton(
+                main_version.path,
+                env,
+                Path(tempfile.gettempdir()) / "bench-triton.log",
+                instances=args.triton_instances,
             )
-            log(label, *list(mine.items())[-1])
-        for workers in (cores, cores + 1):
-            mine[f"workers={workers} batch=1 ort_threads=1"] = ceiling_workers(
-                onnx_path, pre, photos, workers, args.seconds / 2
-            )
-            log(label, *list(mine.items())[-1])
-        # every round pairs the best arrangement's ceiling with the HTTP runs right after it: this
-        # VM's speed drifts by ±15 % within minutes, so each ratio compares like with like
-        top = max(mine, key=mine.__getitem__)
-        workers_top = int(top.split("=")[1].split()[0]) if top.startswith("workers=") else None
+        )
+    if not args.no_baseline and not args.model:
+        servers.append(serve_servers.fastapi_torch(env))
+    v2 = None if args.no_v2 else V2Rounds("fp32", f"{main_version.spec.name}@production", photos, args.seconds)
+    rounds: list[Round] = []
+    try:
+        for s in servers:
+            s.launch(Path(tempfile.gettempdir()) / f"bench-serve-{s.port}.log")
+            s.pause()
+        rounds += measure_rounds("one", servers, main_version, best, photos, args, log, also=v2)
+    finally:
+        for s in servers:
+            s.stop()
+    for phase in args.phases[1:]:
+        rounds += run_phase(phase, versions, env, best, photos, args, log)
+    report(rounds, servers[0].name, arrangements, alone_ms, v2, args)
 
-        paired_ceiling: Callable[[], float] = (
-            functools.partial(ceiling_workers, onnx_path, pre, photos, workers_top, args.seconds / 2)
-            if workers_top is not None
-            else functools.partial(max, mine.values())  # a batched arrangement won: not re-measured
-        )
 
-        measured = measure_server(
-            [sys.executable, "-m", "cli", "serve", "--model", ref, "--host", "127.0.0.1"],
-            env,
-            photos,
-            args.seconds,
-            rounds=args.rounds,
-            between=paired_ceiling,
-            also=v2 if v2 is not None and label == v2.label else None,
-        )
-        ratios = []
-        for i, (ceil, ours) in enumerate(measured, 1):
-            for r in ours:
-                rows.append({**row(f"backbones serve {label}", r), "round": i})
-                log(rows[-1])
-            ratios.append(max(r.rps for r in ours) / (ceil or max(mine.values())))
-            round_ratios.setdefault(label, []).append(
-                {"round": i, "ceiling": round(ceil or 0.0, 1), "http_best": round(max(r.rps for r in ours), 1)}
-            )
-            log(label, "round", i, "ceiling", ceil, "ratio", round(ratios[-1], 3))
-        ratio_median[label] = statistics.median(ratios)
-        best[label] = statistics.median(max(r.rps for r in ours) for _, ours in measured)
-        non_2xx_64[label] = sum(next(r.non_2xx for r in ours if r.clients == 64) for _, ours in measured)
-    base: list[LoadResult] = []
-    if not args.no_baseline:
-        ((_, base),) = measure_server(
-            [sys.executable, "benchmarks/baseline_fastapi_torch.py"], env, photos, args.seconds
-        )
-        rows += [row("FastAPI + PyTorch eager", r) for r in base]
-    rows += v2.rows if v2 is not None else []
-    first = served[0][0]
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="folder of photos (default: %(default)s)")
+    parser.add_argument("--seconds", type=float, default=15.0, help="seconds per measurement")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of the first phase (later phases: one)")
+    parser.add_argument(
+        "--phases",
+        default="one",
+        type=lambda v: [p for p in v.split(",") if p],
+        help=f"comma-separated, starting with one: {', '.join(PHASES)} (default: %(default)s)",
+    )
+    parser.add_argument("--model", metavar="REF", help="serve this registered version from $BENTOML_HOME instead")
+    parser.add_argument("--triton-instances", type=int, default=os.cpu_count() or 1, help="Triton model instances")
+    parser.add_argument("--no-triton", action="store_true", help="skip the Triton baseline")
+    parser.add_argument("--no-baseline", action="store_true", help="skip the FastAPI + PyTorch server")
+    parser.add_argument("--no-v2", action="store_true", help="skip the Open Inference Protocol client variants")
+    parser.add_argument("--json", action="store_true", help="print only a JSON object")
+    args = parser.parse_args()
+    if not args.phases or args.phases[0] != "one" or not set(args.phases) <= set(PHASES):
+        parser.error(f"--phases starts with one and takes {', '.join(PHASES)}")
+    if args.model and len(args.phases) > 1:
+        parser.error("--model serves one version: the later phases make their own versions")
+    if args.rounds < 1 or args.seconds <= 0:
+        parser.error("--rounds must be at least 1 and --seconds positive")
+    return args
+
+
+def judge(rnd: Round, ours: str, triton: str | None, alone_ms: float) -> dict[str, bool | None]:
+    """The targets, for one round."""
+    out: dict[str, bool | None] = {}
+    for c in (16, 64):
+        mine = rnd.at(ours, c)
+        theirs = rnd.at(triton, c) if triton else None
+        out[f"ceiling_{c}"] = mine is not None and mine.rps >= 0.85 * rnd.ceiling
+        out[f"triton_{c}"] = None if theirs is None or mine is None else mine.rps >= 1.3 * theirs.rps
+    mine16, theirs16 = rnd.at(ours, 16), rnd.at(triton, 16) if triton else None
+    out["p50_16"] = None if not (mine16 and theirs16) else mine16.percentile(50) <= theirs16.percentile(50)
+    lone = rnd.at(ours, 1)
+    out["p50_1"] = lone is not None and lone.percentile(50) <= 1.3 * alone_ms
+    out["no_errors"] = all(r.non_2xx == 0 for r in rnd.loads.get(ours, []))
+    return out
+
+
+def report(rounds: list[Round], ours: str, arrangements: dict[str, float], alone_ms: float, v2, args) -> None:  # type: ignore[no-untyped-def]
+    triton = next((n for n in rounds[0].loads if n.startswith("Triton")), None)
+    rows = [
+        {
+            "phase": r.phase,
+            "round": r.index,
+            "server": name,
+            "clients": x.clients,
+            "images_per_s": round(x.rps, 1),
+            "of_ceiling": round(x.rps / r.ceiling, 3),
+            "p50_ms": round(x.percentile(50), 1),
+            "p99_ms": round(x.percentile(99), 1),
+            "non_2xx": x.non_2xx,
+        }
+        for r in rounds
+        for name, loads in r.loads.items()
+        for x in loads
+    ]
+    verdicts = [
+        {"phase": r.phase, "round": r.index, "ceiling": round(r.ceiling, 1), **judge(r, ours, triton, alone_ms)}
+        for r in rounds
+    ]
     result = {
         "machine": f"{os.cpu_count()} cores, {platform.processor() or platform.machine()}",
-        "photos": len(photos),
-        "ceiling_images_per_s": {lab: {k: round(v, 1) for k, v in c.items()} for lab, c in ceilings.items()},
+        "date": time.strftime("%Y-%m-%d"),
+        "ceiling_arrangements": {k: round(v, 1) for k, v in arrangements.items()},
+        "one_photo_alone_ms": round(alone_ms, 2),
         "rows": rows,
-        "http_over_ceiling": {lab: round(v, 3) for lab, v in ratio_median.items()},
-        "rounds": round_ratios,
-        "non_2xx_at_64": non_2xx_64,
-        "over_baseline": round(best[first] / max(r.rps for r in base), 2) if base else None,
-        "int8_over_fp32_http": round(best["int8"] / best["fp32"], 2) if "int8" in best else None,
+        "targets_by_round": verdicts,
         "v2": v2.summary() if v2 is not None else None,
     }
     if args.json:
         print(json.dumps(result))
         return
-    for lab, c in ceilings.items():
-        print(f"[{lab}] in-process ceiling (decode + ONNX Runtime, no HTTP): {max(c.values()):.1f} images/s")
-        for k, v in c.items():
-            print(f"  {k:42} {v:7.1f} images/s")
-    print(f"\n{'server':30} {'round':>5} {'clients':>7} {'images/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'non-2xx':>8}")
-    for rw in rows:
+    print(f"in-process ceiling arrangements (images/s): {result['ceiling_arrangements']}")
+    print(f"one photo alone (decode + preprocess + inference): {alone_ms:.1f} ms")
+    head = f"{'phase':8} {'rnd':>3} {'server':34} {'clients':>7} {'images/s':>9} {'/ceil':>6} {'p50 ms':>8} {'p99 ms':>8} {'non-2xx':>7}"
+    print("\n" + head)
+    for w in rows:
         print(
-            f"{rw['server']:30} {rw.get('round', ''):>5} {rw['clients']:>7} {rw['images_per_s']:>9} "
-            f"{rw['p50_ms']:>8} {rw['p99_ms']:>8} {rw['non_2xx']:>8}"
+            f"{w['phase']:8} {w['round']:>3} {w['server']:34} {w['clients']:>7} {w['images_per_s']:>9} "
+            f"{w['of_ceiling']:>6} {w['p50_ms']:>8} {w['p99_ms']:>8} {w['non_2xx']:>7}"
         )
-    for lab, ratio in result["http_over_ceiling"].items():  # type: ignore[attr-defined]
-        per_round = ", ".join(f"{x['http_best']}/{x['ceiling']}" for x in round_ratios[lab])
-        print(f"\n[{lab}] rounds (HTTP best / paired ceiling, images/s): {per_round}")
-        print(f"[{lab}] HTTP best / in-process ceiling, median of rounds: {ratio:.2f} (target >= 0.85)")
-        print(f"[{lab}] non-2xx at 64 clients: {non_2xx_64[lab]} (target 0)")
-    if base:
-        print(f"backbones best ({first}) / FastAPI + PyTorch best: {result['over_baseline']:.2f}x (target >= 3)")
-    if result["int8_over_fp32_http"]:
-        print(f"HTTP best INT8 / FP32: {result['int8_over_fp32_http']:.2f}x")
+    print(
+        "\ntargets per round (ceiling: >= 0.85 of it; triton: >= 1.3x its images/s; p50_16: <= Triton's; "
+        "p50_1: <= 1.3x one photo alone)"
+    )
+    for v in verdicts:
+        marks = " ".join(
+            f"{k}={'ok' if ok else ('-' if ok is None else 'MISSED')}"
+            for k, ok in v.items()
+            if k not in ("phase", "round", "ceiling")
+        )
+        print(f"  {v['phase']:8} round {v['round']}: ceiling {v['ceiling']:6.1f}  {marks}")
     if v2 is not None:
-        summary = v2.summary()
+        s = v2.summary()
         print(
-            f"[{v2.label}] v2 / /classify at 64 clients, images/s, median of rounds: "
-            f"{summary['v2_over_classify_at_64']:.2f} (target >= 0.9)"
-        )
-        print(
-            f"[{v2.label}] v2 8 photos per request / 1 per request, images/s: {summary['v2_x8_over_v2_x1']:.2f} "
-            f"(target >= 1); v2 non-2xx: {summary['non_2xx']} (target 0)"
+            f"v2 / /classify at 64 clients: {s['v2_over_classify_at_64']:.2f} (target >= 0.9); "
+            f"v2 8 photos per request / 1: {s['v2_x8_over_v2_x1']:.2f} (target >= 1); v2 non-2xx: {s['non_2xx']}"
         )
 
 

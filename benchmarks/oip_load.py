@@ -13,11 +13,12 @@ from loadgen import LoadResult, run_load
 TOP_K = 5  # as /classify's default top_k
 
 
-def infer_request(host: str, model: str, photos: list[bytes], top_k: int = TOP_K) -> bytes:
+def infer_request(host: str, model: str, photos: list[bytes], top_k: int = TOP_K, *, column: bool = False) -> bytes:
     """A raw HTTP/1.1 ``POST /v2/models/{model}/infer``: the photos as the BYTES input ``image`` in
     the binary tensor data extension, asking for the top ``top_k`` classes (the classification
     extension) in binary, as ``tritonclient.http`` does with ``InferRequestedOutput("logits",
-    class_count=top_k)``."""
+    class_count=top_k)``. ``column``: shape ``[N, 1]`` (what a Triton model with batching and
+    per-sample shape ``[1]`` takes) instead of ``[N]``."""
     raw = b"".join(struct.pack("<I", len(p)) + p for p in photos)
     header = json.dumps(
         {
@@ -25,7 +26,7 @@ def infer_request(host: str, model: str, photos: list[bytes], top_k: int = TOP_K
                 {
                     "name": "image",
                     "datatype": "BYTES",
-                    "shape": [len(photos)],
+                    "shape": [len(photos), 1] if column else [len(photos)],
                     "parameters": {"binary_data_size": len(raw)},
                 }
             ],
