@@ -133,6 +133,10 @@ def models_show(ref: str, as_json: bool) -> None:
     doc["aliases"] = {a: v for a, v in reg.aliases(stored.spec.name).items()}
     doc["alias_history"] = reg.alias_history(stored.spec.name)
     doc["path"] = str(stored.path)
+    from finetune.report_html import html_report_path
+
+    html = html_report_path(reg, stored.spec.name, stored.spec.version)
+    doc["report_html"] = str(html) if html.is_file() else None
     if as_json:
         echo_json(doc)
         return
@@ -169,6 +173,8 @@ def models_show(ref: str, as_json: bool) -> None:
     aliases = ", ".join(f"{a} -> {v}" for a, v in doc["aliases"].items()) or "none"
     click.echo(f"  aliases      {aliases}")
     click.echo(f"  path         {stored.path}")
+    if doc["report_html"]:
+        click.echo(f"  report       {doc['report_html']}")
 
 
 @models.command("alias")

@@ -1,10 +1,18 @@
-"""The linear probe's head: multinomial logistic regression on frozen features.
+"""The linear probe's head: multinomial logistic regression on frozen features, tuned by itself.
 
-Features are standardized, the weights are fitted by L-BFGS on the whole training split at once
-(how long that takes: docs/benchmarks.md, Fine-tuning), with an L2 penalty whose strength is
-chosen by stratified k-fold cross-validation on the training split only (the validation split
-stays unseen until the final measurement). The standardization is folded into the returned
-weights, so the head applies to raw features: ``logits = features @ W.T + b``.
+Features are standardized, and the weights are fitted by L-BFGS on the whole training split at once
+(how long that takes: docs/benchmarks.md, Fine-tuning), with an L2 penalty whose strength is chosen
+by stratified k-fold cross-validation on the training split only: the validation split stays unseen
+until the final measurement. The loss weights each class by :meth:`~finetune.split.Split.class_weights`
+(every class counts the same, however many images it has), and so does the cross-validated loss
+that chooses the penalty. Augmented views of a training image (mirror images, other crops:
+:mod:`finetune.augment`) are more rows with its label; the folds keep all views of one image on
+one side, and held-out images are scored on their eval view alone, which is what serving sees.
+
+The fit runs in the span of the standardized training rows (an SVD basis): an L2-penalized linear
+model's optimum lies in that span, so the solution is the same, in fewer dimensions when there are
+fewer rows than features. The standardization is folded into the returned weights, so the head
+applies to raw features: ``logits = features @ W.T + b``.
 """
 
 from __future__ import annotations
@@ -33,35 +41,78 @@ MAX_ITER = 200
 # Below this many feature values the fits are small, and OpenMP threads cost more than they bring
 # (on a busy machine, spinning threads fight for the cores).
 SINGLE_THREAD_BELOW = 8_000_000
+# singular values below this share of the largest are numerical noise, not directions of the data
+_RANK_TOLERANCE = 1e-9
+SELECTION_RULE = (
+    "the lowest class-weighted log loss of the out-of-fold predictions (each training image scored on its "
+    "eval view by a head fitted without it); a tie goes to the stronger penalty"
+)
 
 
 @dataclass
 class LinearHead:
+    """The fitted head, and how its penalty was chosen: ``cv`` holds one row per grid value
+    (out-of-fold loss, accuracy and balanced accuracy), empty when nothing was cross-validated."""
+
     weight: np.ndarray  # (classes, feature_dim), applies to raw features
     bias: np.ndarray  # (classes,)
     weight_decay: float
-    cv: list[dict[str, float]] = field(default_factory=list)  # per grid value: mean fold loss/accuracy
+    cv: list[dict[str, float]] = field(default_factory=list)
+    folds: int = 0
+    views: int = 1  # rows per training image
+    why: str = ""
 
     def logits(self, features: np.ndarray) -> np.ndarray:
         return features.astype(np.float64) @ self.weight.T.astype(np.float64) + self.bias.astype(np.float64)  # type: ignore[no-any-return]
 
+    @property
+    def chosen(self) -> dict[str, float] | None:
+        """The cross-validation row of the chosen penalty (``None`` when nothing was cross-validated)."""
+        return next((r for r in self.cv if r["weight_decay"] == self.weight_decay), None)
+
     def summary(self) -> dict[str, Any]:
-        return {"weight_decay": self.weight_decay, "cross_validation": self.cv}
+        return {
+            "weight_decay": self.weight_decay,
+            "why": self.why,
+            "selection_rule": SELECTION_RULE if self.cv else None,
+            "folds": self.folds,
+            "views_per_image": self.views,
+            "cross_validation": self.cv,
+        }
+
+
+@dataclass
+class _Basis:
+    """Standardization and an orthonormal basis of the standardized rows' span."""
+
+    mean: torch.Tensor
+    std: torch.Tensor
+    vt: torch.Tensor  # (rank, feature_dim)
+
+    @classmethod
+    def of(cls, x: torch.Tensor) -> _Basis:
+        mean, std = x.mean(0), x.std(0).clamp_min(1e-6)
+        _, s, vt = torch.linalg.svd((x - mean) / std, full_matrices=False)
+        rank = max(1, int((s > s[0] * _RANK_TOLERANCE).sum()))
+        return cls(mean, std, vt[:rank])
+
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        return ((x - self.mean) / self.std) @ self.vt.T
 
 
 def _fit(
-    x: torch.Tensor,
+    z: torch.Tensor,
     y: torch.Tensor,
     num_classes: int,
     class_weights: torch.Tensor,
     weight_decay: float,
     init: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Weights and bias on standardized ``x`` (float64) by L-BFGS; the bias is not penalized.
+    """Weights and bias on projected rows ``z`` (float64) by L-BFGS; the bias is not penalized.
     ``init``: a starting point (the solution for a nearby penalty converges in fewer steps)."""
     if init is None:
-        w = torch.zeros(num_classes, x.shape[1], dtype=x.dtype, requires_grad=True)
-        b = torch.zeros(num_classes, dtype=x.dtype, requires_grad=True)
+        w = torch.zeros(num_classes, z.shape[1], dtype=z.dtype, requires_grad=True)
+        b = torch.zeros(num_classes, dtype=z.dtype, requires_grad=True)
     else:
         w, b = init[0].clone().requires_grad_(True), init[1].clone().requires_grad_(True)
     opt = torch.optim.LBFGS(
@@ -72,7 +123,7 @@ def _fit(
 
     def closure() -> torch.Tensor:
         opt.zero_grad()
-        loss = (F.cross_entropy(x @ w.T + b, y, reduction="none") * sample_w).sum() / norm
+        loss = (F.cross_entropy(z @ w.T + b, y, reduction="none") * sample_w).sum() / norm
         loss = loss + 0.5 * weight_decay * (w * w).sum()
         loss.backward()  # type: ignore[no-untyped-call]
         return loss
@@ -106,65 +157,95 @@ def fit_linear_head(
     targets: np.ndarray,
     num_classes: int,
     *,
+    views: Sequence[np.ndarray] = (),
     class_weights: Sequence[float] | None = None,
     weight_decay: float | None = None,
+    grid: Sequence[float] = WEIGHT_DECAY_GRID,
+    score_given: bool = False,
     seed: int = config_default("seed"),
 ) -> LinearHead:
-    """Fit the head on training ``features`` (n, d) and integer ``targets``.
+    """Fit the head on training ``features`` (n, d) of the eval view, and integer ``targets``.
 
-    ``weight_decay=None`` picks the L2 strength from :data:`WEIGHT_DECAY_GRID` by the lowest mean
-    cross-validated log loss (``min(MAX_FOLDS, smallest class size)`` folds; with fewer than two
-    images in some class, :data:`FALLBACK_WEIGHT_DECAY`).
+    ``views``: more (n, d) arrays, row i another view of image i (fitted with its label).
+    ``weight_decay=None`` picks the L2 strength from ``grid`` by cross-validation
+    (``min(MAX_FOLDS, smallest class size)`` stratified folds; with fewer than two images in some
+    class, :data:`FALLBACK_WEIGHT_DECAY`). ``score_given``: cross-validate a given ``weight_decay``
+    too, for its out-of-fold loss (to compare backbones by).
     """
-    threads = 1 if features.size < SINGLE_THREAD_BELOW else torch.get_num_threads()
-    with _threads(threads):
-        return _fit_head(features, targets, num_classes, class_weights, weight_decay, seed)
+    size = features.size * (1 + len(views))
+    with _threads(1 if size < SINGLE_THREAD_BELOW else torch.get_num_threads()):
+        torch.manual_seed(seed)
+        x = [torch.from_numpy(v.astype(np.float64)) for v in (features, *views)]
+        y = torch.from_numpy(targets.astype(np.int64))
+        cw = torch.tensor(class_weights if class_weights is not None else [1.0] * num_classes, dtype=torch.float64)
+        given = [weight_decay] if weight_decay is not None and score_given else []
+        candidates = sorted(grid if weight_decay is None else given, reverse=True)  # strong to weak
+        k = min(MAX_FOLDS, int(np.bincount(targets, minlength=num_classes).min()))
+        cv = _cross_validate(x, y, targets, num_classes, cw, candidates, k, seed) if k >= 2 and candidates else []
+        if weight_decay is not None:
+            why = f"weight decay {weight_decay:g} as given"
+        elif not cv:
+            weight_decay = FALLBACK_WEIGHT_DECAY
+            why = f"weight decay {weight_decay:g}: too few images per class to cross-validate (fewer than 2)"
+        else:
+            best = min(cv, key=lambda r: (r["loss"], -r["weight_decay"]))
+            weight_decay = best["weight_decay"]
+            edge = " (at the edge of the grid)" if weight_decay in (min(grid), max(grid)) else ""
+            why = (
+                f"weight decay {weight_decay:g}{edge}: the lowest out-of-fold log loss ({best['loss']:.4f}, accuracy "
+                f"{best['accuracy']:.4f}) of {len(cv)} values, {k}-fold cross-validation on the {len(targets)} "
+                f"training images ({len(x)} view(s) each)"
+            )
+        log.info("%s", why)
+        basis = _Basis.of(torch.cat(x))
+        w, b = _fit(basis.project(torch.cat(x)), y.repeat(len(x)), num_classes, cw, weight_decay)
+        raw_w = (w @ basis.vt) / basis.std  # back to feature space, standardization folded in
+        raw_b = b - raw_w @ basis.mean
+    return LinearHead(
+        weight=raw_w.numpy().astype(np.float32),
+        bias=raw_b.numpy().astype(np.float32),
+        weight_decay=weight_decay,
+        cv=cv,
+        folds=k if cv else 0,
+        views=len(x),
+        why=why,
+    )
 
 
-def _fit_head(
-    features: np.ndarray,
+def _cross_validate(
+    x: list[torch.Tensor],
+    y: torch.Tensor,
     targets: np.ndarray,
     num_classes: int,
-    class_weights: Sequence[float] | None,
-    weight_decay: float | None,
+    cw: torch.Tensor,
+    candidates: Sequence[float],
+    k: int,
     seed: int,
-) -> LinearHead:
-    torch.manual_seed(seed)
-    x = torch.from_numpy(features.astype(np.float64))
-    mean = x.mean(0)
-    std = x.std(0).clamp_min(1e-6)
-    xs = (x - mean) / std
-    y = torch.from_numpy(targets.astype(np.int64))
-    cw = torch.tensor(class_weights if class_weights is not None else [1.0] * num_classes, dtype=torch.float64)
-
-    cv: list[dict[str, float]] = []
-    if weight_decay is None:
-        k = min(MAX_FOLDS, int(np.bincount(targets, minlength=num_classes).min()))
-        if k < 2:
-            weight_decay = FALLBACK_WEIGHT_DECAY
-            log.info("too few images per class to cross-validate; weight decay %g", weight_decay)
-        else:
-            folds = _folds(targets, k, seed)
-            results: dict[float, tuple[list[float], list[float]]] = {wd: ([], []) for wd in WEIGHT_DECAY_GRID}
-            for held in folds:
-                fit_rows = np.setdiff1d(np.arange(len(targets)), held)
-                # standardize with the fold's own statistics, as the final fit does with all rows
-                m, s = x[fit_rows].mean(0), x[fit_rows].std(0).clamp_min(1e-6)
-                xf, xh = (x[fit_rows] - m) / s, (x[held] - m) / s
-                start = None
-                for wd in sorted(WEIGHT_DECAY_GRID, reverse=True):  # strong to weak, warm-started
-                    start = _fit(xf, y[fit_rows], num_classes, cw, wd, start)
-                    logits = xh @ start[0].T + start[1]
-                    results[wd][0].append(float(F.cross_entropy(logits, y[held], weight=cw)))
-                    results[wd][1].append(float((logits.argmax(1) == y[held]).double().mean()))
-            for wd in WEIGHT_DECAY_GRID:
-                losses, accs = results[wd]
-                cv.append({"weight_decay": wd, "loss": float(np.mean(losses)), "accuracy": float(np.mean(accs))})
-            weight_decay = min(cv, key=lambda r: (r["loss"], -r["weight_decay"]))["weight_decay"]
-            log.info("weight decay %g chosen by %d-fold cross-validation", weight_decay, k)
-    w, b = _fit(xs, y, num_classes, cw, weight_decay)
-    raw_w = w / std  # fold the standardization into the head
-    raw_b = b - raw_w @ mean
-    return LinearHead(
-        weight=raw_w.numpy().astype(np.float32), bias=raw_b.numpy().astype(np.float32), weight_decay=weight_decay, cv=cv
-    )
+) -> list[dict[str, float]]:
+    """Out-of-fold eval-view logits of every training image for each candidate penalty, and their
+    class-weighted log loss, accuracy and balanced accuracy (one row per candidate, grid order)."""
+    oof = {wd: torch.zeros(len(y), num_classes, dtype=torch.float64) for wd in candidates}
+    for held in _folds(targets, k, seed):
+        rows = torch.from_numpy(np.setdiff1d(np.arange(len(y)), held))
+        held_t = torch.from_numpy(held)
+        # standardized with the fold's own statistics, as the final fit is with all rows
+        basis = _Basis.of(torch.cat([v[rows] for v in x]))
+        z, zh = basis.project(torch.cat([v[rows] for v in x])), basis.project(x[0][held_t])
+        start = None
+        for wd in candidates:  # strong to weak, warm-started
+            start = _fit(z, y[rows].repeat(len(x)), num_classes, cw, wd, start)
+            oof[wd][held_t] = zh @ start[0].T + start[1]
+    out = []
+    for wd in sorted(candidates):
+        logits = oof[wd]
+        hit = (logits.argmax(1) == y).double()
+        recalls = [float(hit[y == c].mean()) for c in range(num_classes) if bool((y == c).any())]
+        out.append(
+            {
+                "weight_decay": wd,
+                "loss": float(F.cross_entropy(logits, y, weight=cw)),
+                "accuracy": float(hit.mean()),
+                "balanced_accuracy": float(np.mean(recalls)),
+            }
+        )
+    return out
