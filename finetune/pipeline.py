@@ -11,24 +11,22 @@ from __future__ import annotations
 
 import logging
 import platform
+import sys
 import tempfile
 from dataclasses import dataclass
+from importlib.metadata import version
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from models import Registry, Settings, StoredVersion, get_settings
 from models.export import ensure_version, register_backbone
-from models.networks import Backbone
 from models.preprocess import ImageLoader
 from models.runtime import available_cores
 from models.spec import Architecture
 
-from . import checkpoint
 from .config import FinetuneConfig
 from .data import ImageSet, check_readable, odd_formats, scan_dataset
-from .distributed import DistContext, barrier
+from .distributed import DistContext, barrier, pick_device
 from .errors import TrainingError
 from .features import FeatureTable, extract_features
 from .graft import graft_refusal, register_grafted
@@ -38,6 +36,9 @@ from .recipes import Trained, fit_linear, parent_with_head, train_full_network
 from .report import Timing, data_section, spec_training, write_report_files
 from .report_html import html_report_path, misclassified, write_html_report
 from .split import Split, make_split, precheck
+
+if TYPE_CHECKING:
+    from models.networks import Backbone
 from .views import VIEW_SETS
 
 log = logging.getLogger(__name__)
@@ -96,12 +97,14 @@ def finetune(
 
 
 def environment(cores: int) -> dict[str, Any]:
-    """The report's ``environment`` section."""
+    """The report's ``environment`` section (``cuda``: the GPU PyTorch saw, when the run used
+    PyTorch at all; the linear probe need not)."""
+    torch = sys.modules.get("torch")
     return {
         "python": platform.python_version(),
-        "torch": torch.__version__,
+        "torch": version("torch"),
         "cores": cores,
-        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "cuda": torch.cuda.get_device_name(0) if torch is not None and torch.cuda.is_available() else None,
     }
 
 
@@ -120,7 +123,8 @@ class FinetuneRun:
         self.config = config
         self.settings = settings or get_settings()
         self.registry = registry or Registry(settings=self.settings)
-        self.ctx = ctx or DistContext()
+        # a run in this one process trains on the device asked for (the probe trains on none)
+        self.ctx = ctx or DistContext(device_name=str(pick_device(config.device)) if config.mode == "full" else "cpu")
         if config.mode == "linear" and self.ctx.distributed:
             raise TrainingError("the linear probe runs in one process; start it without torchrun (or use --mode full)")
         self.run_dir = (config.run_dir or self.registry.own_dir("runs", config.name)).resolve()
@@ -329,6 +333,8 @@ class FinetuneRun:
     def finish(self, report: dict[str, Any], stored: StoredVersion, promotion: Promotion | None) -> None:
         """Clear the registered run's checkpoints and complete the report."""
         if self.config.mode == "full":
+            from . import checkpoint
+
             checkpoint.clear(self.run_dir)
         self.timing.seconds["total"] = self.timing.elapsed()
         report["timing"] = self.timing.seconds

@@ -1,8 +1,9 @@
-"""The two recipes as one step of a run: each turns the checked split into the parent's network with
-a head for the split's labels, that network's validation logits, and the report's ``recipe`` section.
+"""The two recipes as one step of a run: each turns the checked split into a head for the split's
+labels on the parent (the linear probe) or the parent's whole network retrained (the full
+fine-tune), the validation logits, and the report's ``recipe`` section.
 
-Both end with one PyTorch :class:`~models.networks.Backbone` (the parent's body and the new head),
-which the run then exports and registers like any other version.
+The probe needs no PyTorch (the run makes its version from the parent's graph: finetune/graft.py);
+PyTorch is imported where a network is built.
 """
 
 from __future__ import annotations
@@ -10,13 +11,11 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from models import StoredVersion
-from models.networks import Backbone, build_architecture, load_weights
 from models.preprocess import ImageLoader
 from models.spec import WEIGHTS_FILENAME
 
@@ -28,6 +27,9 @@ from .linear import LinearHead, fit_linear_head
 from .report import Timing
 from .split import Split
 from .views import VIEW_SETS
+
+if TYPE_CHECKING:
+    from models.networks import Backbone
 
 
 @dataclass
@@ -46,6 +48,8 @@ class Trained:
 
 def load_parent_network(parent: StoredVersion) -> Backbone:
     """The parent version as PyTorch: its architecture with its stored weights."""
+    from models.networks import build_architecture, load_weights
+
     weights = parent.file(WEIGHTS_FILENAME)
     if not weights.is_file() or WEIGHTS_FILENAME not in parent.spec.files:
         raise TrainingError(
@@ -59,6 +63,8 @@ def network_for_labels(parent: StoredVersion, labels: list[str], seed: int) -> t
     """The parent's network with a head for ``labels``: kept when the parent already classifies
     exactly these labels (fine-tuning a fine-tuned version again), else a new zero head. The
     second value says whether the head was kept."""
+    import torch
+
     net = load_parent_network(parent)
     if list(parent.spec.labels) == labels:
         return net, True
@@ -147,6 +153,8 @@ def _best(probes: list[_Probe]) -> _Probe:
 
 def parent_with_head(parent: StoredVersion, weight: np.ndarray, bias: np.ndarray) -> Backbone:
     """The parent as PyTorch with a linear head of these weights, in eval mode."""
+    import torch
+
     net = load_parent_network(parent)
     net.replace_head(len(bias))
     with torch.no_grad():

@@ -5,6 +5,8 @@ backbones compared by cross-validation, and the new version made from the parent
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +18,7 @@ from safetensors.numpy import load_file
 
 from finetune import FinetuneConfig, finetune, scan_dataset
 from finetune.features import extract_features
+from finetune.lbfgs import minimize
 from finetune.linear import WEIGHT_DECAY_GRID, fit_linear_head
 from finetune.recipes import parent_with_head
 from finetune.views import VIEW_SETS
@@ -23,7 +26,7 @@ from models import InferenceModel, Registry, StoredVersion
 from models.export import export_catalog, register_backbone
 from models.fp16 import convert_version_fp16
 from models.spec import ONNX_FILENAME, WEIGHTS_FILENAME
-from tests.conftest import shared_data
+from tests.conftest import ROOT, shared_data
 from tests.test_finetune_support import color_image, config, make_dataset
 
 
@@ -72,6 +75,24 @@ def test_the_cross_validated_penalty_is_deterministic_and_is_the_one_fitted() ->
         assert [r["loss"] for r in fit_linear_head(x, y, 2, seed=8).cv] != [r["loss"] for r in head.cv]
         chosen.append(head.weight_decay)
     assert chosen[0] < chosen[1]  # wrong labels call for a stronger penalty
+
+
+def test_the_probes_optimizer_finds_minima() -> None:
+    rng = np.random.default_rng(4)
+    a = rng.normal(size=(30, 30))
+    h, target = a @ a.T + 0.01 * np.eye(30), rng.normal(size=30)  # ill-conditioned, convex
+
+    def quadratic(x: np.ndarray) -> tuple[float, np.ndarray]:
+        return 0.5 * float((x - target) @ h @ (x - target)), h @ (x - target)
+
+    np.testing.assert_allclose(minimize(quadratic, np.zeros(30), max_iter=2000, tolerance_change=0), target, atol=1e-4)
+
+    def rosenbrock(x: np.ndarray) -> tuple[float, np.ndarray]:
+        f = 100 * (x[1] - x[0] ** 2) ** 2 + (1 - x[0]) ** 2
+        g = np.array([-400 * x[0] * (x[1] - x[0] ** 2) - 2 * (1 - x[0]), 200 * (x[1] - x[0] ** 2)])
+        return float(f), g
+
+    np.testing.assert_allclose(minimize(rosenbrock, np.array([-1.2, 1.0]), max_iter=500), [1.0, 1.0], atol=1e-4)
 
 
 def test_the_probe_counts_each_class_the_same_however_many_images_it_has() -> None:
@@ -226,6 +247,18 @@ def test_the_probe_is_the_parents_graph_with_a_new_head(tmp_path: Path, reg: Reg
     batch = a.loader.batch(photos)
     np.testing.assert_allclose(a.run(batch).logits, b.run(batch).logits, atol=1e-4)
     np.testing.assert_allclose(a.run(batch).features, b.run(batch).features, atol=1e-5)
+
+
+def test_a_probe_on_a_graph_that_takes_a_head_never_imports_pytorch(reg: Registry, colors: Path) -> None:
+    code = (
+        "import sys; from pathlib import Path; from models import Registry; from finetune import FinetuneConfig, finetune; "
+        f"r = finetune(FinetuneConfig(data=Path({str(colors)!r}), backbone='tiny_cnn', name='no-torch', workers=0), "
+        f"registry=Registry({str(reg.home)!r})); "
+        "print(r.report['recipe']['graph'], '|', sorted(m for m in ('torch', 'timm', 'torchvision') if m in sys.modules))"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == "the parent's graph with the new head | []"
 
 
 def test_a_parent_whose_graph_cannot_take_a_head_is_exported_from_pytorch(reg: Registry, colors: Path) -> None:
