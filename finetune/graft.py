@@ -6,7 +6,7 @@ weight and bias are initializers (as :func:`models.export.export_onnx` writes ev
 network), so the new graph is the parent's with those two tensors swapped and the ``logits``
 shape changed; ``weights.safetensors`` is the parent's with ``head.weight`` and ``head.bias``
 swapped. This skips rebuilding the network in PyTorch, tracing it and checking PyTorch against ONNX
-Runtime again, which cost more than the rest of a probe together.
+Runtime again: the probe's path imports no PyTorch at all.
 
 The new graph is still checked before it is registered: ``onnx.checker``, the preflight child, and
 ONNX Runtime on validation images, whose features must be the parent's (the same body) and whose
