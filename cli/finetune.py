@@ -105,11 +105,17 @@ def finetune_cmd(data_dir: Path, as_json: bool, nproc_per_node: int, **options: 
     --mode linear: a regularised linear head on the backbone's cached ONNX features.
     --mode full: every layer, AdamW, warmup + cosine, checkpoints, --resume, early stopping.
 
+    --backbone a,b or --backbone auto (linear): a probe on each backbone; the one with the lowest
+    cross-validated loss on the training split is registered, all of them are in the report.
+
     The new version (one ONNX graph with logits and features, verified like any export) holds
-    report.json and confusion.png; `backbones models show NAME` prints its metrics. With
+    report.json and confusion.png; an HTML report with the misclassified validation images is
+    written beside the run (`backbones models show NAME` prints where, and the metrics). With
     --promote-if-better ALIAS, NAME@ALIAS moves to it only if it is more accurate than the
     version ALIAS points to on the same validation images (a tie does not move it; a version
-    with other labels is a different task and is never replaced this way).
+    with other labels is a different task and is never replaced this way; fewer than
+    --gate-min-images validation images refuse to compare; the alias moves only if nobody moved
+    it meanwhile). An alias that points to a deleted version leaves the alias alone and exits 1.
     """
     from pydantic import ValidationError
 
@@ -132,15 +138,21 @@ def finetune_cmd(data_dir: Path, as_json: bool, nproc_per_node: int, **options: 
         report = finetune(config, progress=True).report
     if as_json:
         echo_json(report)
-        return
-    _print_summary(report)
+    else:
+        _print_summary(report)
+    _check_promotion(report)
 
 
 def _check_combination(given: dict[str, Any], mode: str, nproc_per_node: int) -> None:
     """Refuse options that cannot go together (``given``: the options typed on the command line)."""
     if "val_dir" in given and "val_fraction" in given:
         raise click.UsageError("give --val-dir or --val-fraction, not both")
+    gate = [k for k in ("gate_min_images", "force_promotion") if k in given]
+    if gate and "promote_if_better" not in given:
+        raise click.UsageError(f"--{gate[0].replace('_', '-')} applies with --promote-if-better only")
     if mode != "linear":
+        if "views" in given:
+            raise click.UsageError("--views applies to --mode linear only (the full fine-tune draws random crops)")
         return
     full_only = [k for k in FinetuneConfig.full_only_fields() if k in given]
     if full_only or nproc_per_node > 1:
@@ -181,9 +193,21 @@ def _print_summary(report: dict[str, Any]) -> None:
     for line in summary_lines(report):
         click.echo(line)
     click.echo(f"  files  {report['version_path']}/{REPORT_FILENAME}, {CONFUSION_FILENAME}")
+    if report.get("report_html"):
+        click.echo(f"  report  {report['report_html']}")
     promotion = report.get("promotion")
     if promotion:
         from finetune import Promotion
 
         click.echo(Promotion(**promotion).line())
     click.echo(report["model"])
+
+
+def _check_promotion(report: dict[str, Any]) -> None:
+    """Exit 1 (after the report) when the gate could not judge: the alias points to a missing or
+    damaged version."""
+    from models import BackbonesError
+
+    promotion = report.get("promotion") or {}
+    if promotion.get("error"):
+        raise BackbonesError(f"{report['model']} is registered, but the alias was not moved: {promotion['reason']}")

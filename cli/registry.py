@@ -109,6 +109,7 @@ def models_show(ref: str, as_json: bool, registry_url: str | None) -> None:
     doc["aliases"] = {a: v for a, v in reg.aliases(stored.spec.name).items()}
     doc["alias_history"] = reg.alias_history(stored.spec.name)
     doc["path"] = str(stored.path)
+    doc["report_html"] = _html_report(reg, stored.spec.name, stored.spec.version)
     if as_json:
         echo_json(doc)
         return
@@ -145,6 +146,8 @@ def models_show(ref: str, as_json: bool, registry_url: str | None) -> None:
     aliases = ", ".join(f"{a} -> {v}" for a, v in doc["aliases"].items()) or "none"
     click.echo(f"  aliases      {aliases}")
     click.echo(f"  path         {stored.path}")
+    if doc["report_html"]:
+        click.echo(f"  report       {doc['report_html']}")
 
 
 @models_group.command("alias")
@@ -197,3 +200,16 @@ def models_delete(ref: str, force: bool, registry_url: str | None) -> None:
 
 
 add_remote_commands(models_group)
+
+
+def _html_report(reg: Any, name: str, version: str) -> str | None:
+    """Where a fine-tuned version's HTML report is on this machine (reports stay beside their run in
+    the local store: they hold thumbnails of the training photos, so they are neither pushed nor served)."""
+    from models import Registry
+
+    if not isinstance(reg, Registry):
+        return None
+    from finetune.report_html import html_report_path
+
+    html = html_report_path(reg, name, version)
+    return str(html) if html.is_file() else None

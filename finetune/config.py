@@ -15,11 +15,17 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from models.catalog import catalog
 from models.errors import RegistryError
 from models.registry import Ref, validate_name
 
 Mode = Literal["linear", "full"]
 Device = Literal["auto", "cpu", "cuda"]
+# Which views of each training image the linear probe fits on (finetune/views.py: VIEW_SETS).
+Views = Literal["center", "flip", "flip-crops"]
+
+# ``--backbone auto``: a probe on each offline catalog backbone (models/catalog.py, ``bundled``).
+AUTO_BACKBONE = "auto"
 
 # AdamW's weight decay in the full fine-tune when ``weight_decay`` is not given (the linear probe
 # chooses its own by cross-validation instead).
@@ -44,7 +50,11 @@ class FinetuneConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     data: Path = Field(description="ImageFolder (one sub-folder per class) or CSV manifest (path,label)")
-    backbone: str = Field(description="Model to start from: catalog name, NAME, NAME:VERSION or NAME@ALIAS.")
+    backbone: str = Field(
+        description="Model to start from: catalog name, NAME, NAME:VERSION or NAME@ALIAS. Linear: several, "
+        "comma-separated, or 'auto' (every offline catalog backbone): a probe on each, the best by "
+        "cross-validation on the training split is registered."
+    )
     name: str = Field(description="Registry name of the new version.")
     mode: Mode = Field(default="linear", description="linear: new head on frozen features; full: train every layer.")
     val_dir: Path | None = Field(
@@ -55,6 +65,18 @@ class FinetuneConfig(BaseModel):
     promote_if_better: str | None = Field(
         default=None,
         description="Move NAME@ALIAS to the new version only if it is more accurate on the same validation images.",
+    )
+    # 30: below that, one image is more than 3 points of accuracy, and a "better" model is mostly luck
+    gate_min_images: int = Field(
+        default=30,
+        ge=1,
+        description="Promotion: with fewer validation images than this, the gate refuses to compare "
+        "(too few to tell) unless --force-promotion.",
+    )
+    force_promotion: bool = Field(
+        default=False,
+        description="Promotion: compare even with fewer than --gate-min-images validation images "
+        "(the alias still moves only to a more accurate version).",
     )
     batch_size: int = Field(default=32, ge=1, le=4096, description="Images per batch (features, training, evaluation).")
     top_k: int = Field(default=5, ge=1, description="k of the top-k accuracy in the report.")
@@ -70,6 +92,11 @@ class FinetuneConfig(BaseModel):
         description="Linear: L2 strength (unless given: chosen by cross-validation on the training split); "
         f"full: AdamW weight decay (unless given: {FULL_WEIGHT_DECAY}).",
     )
+    views: Views = Field(
+        default="center",
+        description="Linear: views of each training image the head is fitted on: center (the eval view), "
+        "flip (and its mirror image), flip-crops (and crops at two more scales, each mirrored too).",
+    )
     # the full fine-tune's recipe
     epochs: int = _full_only(10, "epochs to train.", ge=1)
     lr: float = _full_only(1e-3, "peak learning rate of the new head (AdamW).", gt=0)
@@ -77,7 +104,12 @@ class FinetuneConfig(BaseModel):
     backbone_lr_scale: float = _full_only(0.1, "backbone learning rate = lr x this.", ge=0, le=1)
     warmup_epochs: float = _full_only(1.0, "epochs of linear learning-rate warmup.", ge=0)
     freeze_epochs: int = _full_only(0, "first epochs with the backbone frozen (the head alone trains).", ge=0)
-    patience: int = _full_only(3, "stop after this many epochs without a better validation loss.", ge=1)
+    patience: int = _full_only(3, "stop after this many epochs without a better selection loss.", ge=1)
+    # The epoch is chosen on images held out of the training split, never on the validation split
+    # that the report and the promotion gate measure on.
+    selection_fraction: float = _full_only(
+        0.15, "share of each training class held out to choose the epoch (early stopping).", gt=0, lt=1
+    )
     label_smoothing: float = _full_only(0.1, "label smoothing of the cross-entropy.", ge=0, lt=1)
     # device, amp and run_dir: read by the full fine-tune alone, accepted (and unused) with --mode linear
     device: Device = Field(default="auto", description="Full: the device to train on.")
@@ -93,12 +125,36 @@ class FinetuneConfig(BaseModel):
     @model_validator(mode="after")
     def _check(self) -> FinetuneConfig:
         validate_name(self.name)
-        Ref.parse(self.backbone)
+        parts = self.backbones
+        for ref in parts:
+            Ref.parse(ref)
+        if self.mode == "full" and len(parts) > 1:
+            raise RegistryError(
+                f"--backbone {self.backbone!r} compares several backbones, which the linear probe alone does; "
+                "give one backbone with --mode full"
+            )
         if self.promote_if_better is not None:
             validate_name(self.promote_if_better, "alias")
             if self.promote_if_better == "latest":
                 raise RegistryError("'latest' is not an alias (a bare name already means the newest version)")
         return self
+
+    @property
+    def backbones(self) -> list[str]:
+        """The backbones to start from: ``backbone`` split at its commas, ``auto`` the offline
+        catalog backbones (not the test model)."""
+        if self.backbone == AUTO_BACKBONE:
+            return [e.name for e in catalog() if e.bundled and e.family != "builtin"]
+        parts = self.backbone.split(",")
+        if any(not p for p in parts):
+            raise RegistryError(
+                f"--backbone {self.backbone!r} has an empty entry; separate references by single commas"
+            )
+        if len(set(parts)) != len(parts):
+            raise RegistryError(f"--backbone {self.backbone!r} names a backbone twice")
+        if AUTO_BACKBONE in parts and len(parts) > 1:
+            raise RegistryError(f"--backbone {self.backbone!r}: 'auto' stands alone")
+        return parts
 
     @property
     def full_weight_decay(self) -> float:

@@ -2,7 +2,8 @@
 
 Under ``torchrun`` (detected with torch's own ``is_torchelastic_launched``; torchrun's variables are
 read by ``init_process_group`` itself), each process trains on its shard: NCCL on GPUs, gloo on the
-CPU. Outside torchrun the same code runs as a world of one.
+CPU. Outside torchrun the same code runs as a world of one. PyTorch is imported where it is used:
+the linear probe, which never trains in PyTorch, holds a :class:`DistContext` without importing it.
 """
 
 from __future__ import annotations
@@ -10,11 +11,12 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import timedelta
+from typing import TYPE_CHECKING
 
-import torch
-import torch.distributed as dist
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -23,8 +25,14 @@ log = logging.getLogger(__name__)
 class DistContext:
     rank: int = 0
     world_size: int = 1
-    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    device_name: str = "cpu"  # as torch.device takes it: "cpu", "cuda", "cuda:1"
     backend: str | None = None
+
+    @property
+    def device(self) -> torch.device:
+        import torch
+
+        return torch.device(self.device_name)
 
     @property
     def is_main(self) -> bool:
@@ -36,6 +44,8 @@ class DistContext:
 
 
 def pick_device(choice: str) -> torch.device:
+    import torch
+
     if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
             from .errors import TrainingError
@@ -47,15 +57,20 @@ def pick_device(choice: str) -> torch.device:
 
 def launched() -> bool:
     """True inside a process started by ``torchrun``."""
+    import torch.distributed as dist
+
     return dist.is_torchelastic_launched()
 
 
 @contextlib.contextmanager
 def process_group(device_choice: str) -> Iterator[DistContext]:
     """Join the process group when started by torchrun (and leave it on exit); yields the context."""
+    import torch
+    import torch.distributed as dist
+
     device = pick_device(device_choice)
     if not launched():
-        yield DistContext(device=device)
+        yield DistContext(device_name=str(device))
         return
     backend = "nccl" if device.type == "cuda" else "gloo"
     dist.init_process_group(backend=backend, timeout=timedelta(minutes=30))
@@ -66,7 +81,7 @@ def process_group(device_choice: str) -> Iterator[DistContext]:
         torch.cuda.set_device(device)
     log.info("process %d of %d (%s, %s)", rank, world, backend, device)
     try:
-        yield DistContext(rank=rank, world_size=world, device=device, backend=backend)
+        yield DistContext(rank=rank, world_size=world, device_name=str(device), backend=backend)
     finally:
         with contextlib.suppress(Exception):
             dist.barrier()
@@ -75,11 +90,15 @@ def process_group(device_choice: str) -> Iterator[DistContext]:
 
 def barrier(ctx: DistContext) -> None:
     if ctx.distributed:
+        import torch.distributed as dist
+
         dist.barrier()
 
 
 def all_reduce_sum(ctx: DistContext, values: torch.Tensor) -> torch.Tensor:
     """Element-wise sum over processes (a copy; ``values`` stays as it was)."""
+    import torch.distributed as dist
+
     out = values.detach().clone().to(ctx.device)
     if ctx.distributed:
         dist.all_reduce(out, op=dist.ReduceOp.SUM)
@@ -91,6 +110,9 @@ def gather_rows(ctx: DistContext, rows: torch.Tensor, count: int) -> torch.Tenso
     in rank order; ``count`` = the largest m over processes."""
     if not ctx.distributed:
         return rows
+    import torch
+    import torch.distributed as dist
+
     padded = torch.zeros((count, *rows.shape[1:]), dtype=rows.dtype, device=ctx.device)
     padded[: rows.shape[0]] = rows.to(ctx.device)
     sizes = [torch.zeros(1, dtype=torch.int64, device=ctx.device) for _ in range(ctx.world_size)]
@@ -104,5 +126,7 @@ def sync_buffers(ctx: DistContext, module: torch.nn.Module) -> None:
     """Give every process rank 0's buffers (BatchNorm running statistics drift apart between the
     per-step broadcasts DDP does), so that evaluation and the saved weights agree across processes."""
     if ctx.distributed:
+        import torch.distributed as dist
+
         for buf in module.buffers():
             dist.broadcast(buf.data, src=0)

@@ -8,7 +8,9 @@ temporary name and renamed, so readers never see half a shard. Images that faile
 remembered too, so a second run on the same photos decodes nothing at all.
 
 The features come from the version's own ONNX session and eval preprocessing
-(:class:`models.inference.InferenceModel`): exactly what serving computes, no augmentation.
+(:class:`models.inference.InferenceModel`): exactly what serving computes. The linear probe may ask
+for more views of its training images (:mod:`finetune.views`); each is cached under the image's
+sha256 and the view's name, and an image is decoded once for all of its missing views.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from models.spec import SPEC_FILENAME
 
 from .config import config_default
 from .data import Sample
+from .views import CENTER, probe_views
 
 log = logging.getLogger(__name__)
 
@@ -62,14 +65,21 @@ class FeatureStats:
     cached: int = 0
     failed: int = 0
     seconds: float = 0.0
+    views: int = 1  # views per image
 
     def to_dict(self) -> dict[str, float | int]:
-        return {"computed": self.computed, "cached": self.cached, "failed": self.failed, "seconds": self.seconds}
+        return {
+            "computed": self.computed,
+            "cached": self.cached,
+            "failed": self.failed,
+            "seconds": self.seconds,
+            "views": self.views,
+        }
 
 
 @dataclass
 class FeatureTable:
-    """Rows of features and logits by image sha256."""
+    """Rows of features and logits by :func:`view_key` (an image's sha256 for its eval view)."""
 
     features: np.ndarray
     logits: np.ndarray
@@ -77,9 +87,9 @@ class FeatureTable:
     failed: dict[str, str]  # sha256 -> why it could not be decoded
     stats: FeatureStats = field(default_factory=FeatureStats)
 
-    def rows(self, samples: Sequence[Sample]) -> tuple[np.ndarray, np.ndarray]:
-        """``(features, logits)`` of ``samples``, in their order (all must have been extracted)."""
-        idx = [self.index[s.sha256] for s in samples]
+    def rows(self, samples: Sequence[Sample], view: str = CENTER) -> tuple[np.ndarray, np.ndarray]:
+        """``(features, logits)`` of ``samples``' ``view``, in their order (all must have been extracted)."""
+        idx = [self.index[view_key(s.sha256, view)] for s in samples]
         return self.features[idx], self.logits[idx]
 
 
@@ -130,6 +140,11 @@ class FeatureCache:
             save_file(tensors, str(tmp), metadata=meta)
 
 
+def view_key(sha256: str, view: str) -> str:
+    """The cache key of one view of an image: its sha256 for the eval view, ``sha256:view`` else."""
+    return sha256 if view == CENTER else f"{sha256}:{view}"
+
+
 def _batches(items: Sequence[Sample], size: int) -> Iterator[Sequence[Sample]]:
     for start in range(0, len(items), size):
         yield items[start : start + size]
@@ -141,14 +156,14 @@ def extract_features(
     *,
     registry: Registry,
     settings: Settings | None = None,
+    views: Sequence[str] = (CENTER,),
     batch_size: int = config_default("batch_size"),
     workers: int | None = None,
     progress: bool = False,
 ) -> FeatureTable:
-    """Features and logits of ``samples`` under ``stored``; images that fail to decode are listed in
-    ``failed``, not raised. With the cache warm the model is not even loaded."""
-    from tqdm import tqdm
-
+    """Features and logits of ``samples`` under ``stored``, for each of ``views``
+    (:mod:`finetune.views`; the eval view alone unless asked); images that fail to decode are
+    listed in ``failed``, not raised. With the cache warm the model is not even loaded."""
     settings = settings or get_settings()
     start = time.perf_counter()
     cache = FeatureCache(cache_root(registry), model_key(stored, settings))
@@ -156,53 +171,25 @@ def extract_features(
     unique: dict[str, Sample] = {}
     for s in samples:
         unique.setdefault(s.sha256, s)
-    todo = [s for sha, s in unique.items() if sha not in cached and sha not in known_bad]
-    stats = FeatureStats(cached=len(unique) - len(todo))
-    new_shas: list[str] = []
-    new_feats: list[np.ndarray] = []
-    new_logits: list[np.ndarray] = []
+    # per image, the views that are not cached yet
+    todo = {
+        sha: missing
+        for sha in unique
+        if sha not in known_bad and (missing := [v for v in views if view_key(sha, v) not in cached])
+    }
+    stats = FeatureStats(cached=len(unique) - len(todo), views=len(views))
+    fresh: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     new_failed: dict[str, str] = {}
     if todo:
         log.info("computing features of %d image(s) with %s (%d cached)", len(todo), stored.tag, stats.cached)
-        model = InferenceModel(stored, settings=settings)
-        threads = max(1, workers if workers is not None else min(4, available_cores()))
-
-        def decode(s: Sample) -> np.ndarray | str:
-            try:
-                return model.loader(s.path)
-            except Exception as e:  # ImageError, or a file that vanished since the scan
-                return str(e) or type(e).__name__
-
-        batches = list(_batches(todo, batch_size))
-        with (
-            ThreadPoolExecutor(threads) as pool,
-            tqdm(total=len(todo), desc="features", unit="img", disable=not progress, leave=False) as bar,
-        ):
-            # pool.map submits at once: the next batch decodes while ONNX Runtime runs this one
-            ahead = pool.map(decode, batches[0])
-            for i, batch in enumerate(batches):
-                results = ahead
-                if i + 1 < len(batches):
-                    ahead = pool.map(decode, batches[i + 1])
-                arrays, good = [], []
-                for s, r in zip(batch, results, strict=True):
-                    if isinstance(r, str):
-                        new_failed[s.sha256] = r
-                        log.debug("cannot decode %s: %s", s.rel, r)
-                    else:
-                        arrays.append(r)
-                        good.append(s.sha256)
-                if arrays:
-                    out = model.run(np.stack(arrays))
-                    new_shas.extend(good)
-                    new_feats.append(out.features)
-                    new_logits.append(out.logits)
-                bar.update(len(batch))
-        stats.computed = len(new_shas)
+        fresh, new_failed = _compute(
+            stored, [unique[sha] for sha in todo], todo, settings, batch_size, workers, progress
+        )
+        stats.computed = len({key.split(":")[0] for key in fresh})
         cache.add(
-            new_shas,
-            np.concatenate(new_feats) if new_feats else np.zeros((0, 1), np.float32),
-            np.concatenate(new_logits) if new_logits else np.zeros((0, 1), np.float32),
+            list(fresh),
+            np.stack([f for f, _ in fresh.values()]) if fresh else np.zeros((0, 1), np.float32),
+            np.stack([g for _, g in fresh.values()]) if fresh else np.zeros((0, 1), np.float32),
             new_failed,
         )
     else:
@@ -212,18 +199,15 @@ def extract_features(
     index: dict[str, int] = {}
     feats: list[np.ndarray] = []
     logits: list[np.ndarray] = []
-    fresh = (
-        dict(zip(new_shas, zip(np.concatenate(new_feats), np.concatenate(new_logits), strict=True), strict=True))
-        if new_shas
-        else {}
-    )
     for sha in unique:
-        row = fresh.get(sha) or cached.get(sha)
-        if row is None:
-            continue
-        index[sha] = len(feats)
-        feats.append(row[0])
-        logits.append(row[1])
+        for view in views:
+            key = view_key(sha, view)
+            row = fresh.get(key) or cached.get(key)
+            if row is None:
+                continue
+            index[key] = len(feats)
+            feats.append(row[0])
+            logits.append(row[1])
     stats.seconds = time.perf_counter() - start
     dim, classes = stored.spec.feature_dim, stored.spec.num_classes
     return FeatureTable(
@@ -233,3 +217,55 @@ def extract_features(
         failed=failed,
         stats=stats,
     )
+
+
+def _compute(
+    stored: StoredVersion,
+    todo: Sequence[Sample],
+    missing: dict[str, list[str]],
+    settings: Settings,
+    batch_size: int,
+    workers: int | None,
+    progress: bool,
+) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], dict[str, str]]:
+    """Run the model on the ``missing`` views of ``todo``: ``(cache key -> (features, logits),
+    sha256 -> why an image could not be decoded)``. Each image is decoded once, whatever its views."""
+    from tqdm import tqdm
+
+    model = InferenceModel(stored, settings=settings)
+    make_views = {names: probe_views(stored.spec.preprocess, names) for names in {tuple(v) for v in missing.values()}}
+    threads = max(1, workers if workers is not None else min(4, available_cores()))
+
+    def decode(s: Sample) -> list[np.ndarray] | str:
+        try:
+            return make_views[tuple(missing[s.sha256])](model.loader.decode(s.path))
+        except Exception as e:  # ImageError, or a file that vanished since the scan
+            return str(e) or type(e).__name__
+
+    fresh: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    failed: dict[str, str] = {}
+    batches = list(_batches(todo, batch_size))
+    with (
+        ThreadPoolExecutor(threads) as pool,
+        tqdm(total=len(todo), desc="features", unit="img", disable=not progress, leave=False) as bar,
+    ):
+        # pool.map submits at once: the next batch decodes while ONNX Runtime runs this one
+        ahead = pool.map(decode, batches[0])
+        for i, batch in enumerate(batches):
+            results = ahead
+            if i + 1 < len(batches):
+                ahead = pool.map(decode, batches[i + 1])
+            arrays: list[np.ndarray] = []
+            keys: list[str] = []
+            for s, r in zip(batch, results, strict=True):
+                if isinstance(r, str):
+                    failed[s.sha256] = r
+                    log.debug("cannot decode %s: %s", s.rel, r)
+                    continue
+                arrays.extend(r)
+                keys.extend(view_key(s.sha256, v) for v in missing[s.sha256])
+            for at in range(0, len(arrays), batch_size):
+                out = model.run(np.stack(arrays[at : at + batch_size]))
+                fresh.update(zip(keys[at : at + batch_size], zip(out.features, out.logits, strict=True), strict=True))
+            bar.update(len(batch))
+    return fresh, failed

@@ -4,7 +4,10 @@ Recipe (:mod:`finetune.optim`): AdamW with a linear warmup then a cosine decay (
 head faster than the pretrained body, class-weighted cross-entropy with label smoothing, an
 optional first phase with the body frozen (its BatchNorm layers in eval mode, so their running
 statistics stay the pretrained ones), mixed precision on CUDA (bfloat16 where supported, else
-float16 with a grad scaler). Early stopping on the validation loss keeps the best epoch's weights.
+float16 with a grad scaler). The epoch is chosen on a seeded, stratified share of the training
+split held out of training (``selection_fraction``): early stopping on its loss keeps the best
+epoch's weights, and the validation split is measured once, at the end, by those weights, so that
+the report and the promotion gate judge on images that chose nothing.
 One checkpoint per epoch; a resumed run continues exactly where the checkpoint left off (same
 optimizer state, schedule, freeze state, and the same random crops, which are seeded per epoch and
 process). Under torchrun each process trains on its shard of every epoch (DistributedDataParallel)
@@ -16,6 +19,7 @@ from __future__ import annotations
 import copy
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,11 +36,12 @@ from models.runtime import available_cores
 
 from . import checkpoint as ckpt
 from .config import FinetuneConfig
+from .data import Sample, fingerprint
 from .distributed import DistContext, all_reduce_sum, barrier, sync_buffers
 from .errors import TrainingError
 from .images import decode_workers, evaluate, training_batches
 from .optim import Optimization, seed_epoch, set_frozen, train_mode
-from .split import Split
+from .split import Split, stratified_split
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +56,7 @@ RECIPE_OPTIONS = (
     "freeze_epochs",
     "patience",
     "label_smoothing",
+    "selection_fraction",
     "batch_size",
     "seed",
     "amp",
@@ -60,6 +66,20 @@ RECIPE_OPTIONS = (
 def recipe_options(config: FinetuneConfig) -> dict[str, Any]:
     """:data:`RECIPE_OPTIONS` of ``config``, with the weight decay the full fine-tune uses."""
     return {k: config.full_weight_decay if k == "weight_decay" else getattr(config, k) for k in RECIPE_OPTIONS}
+
+
+def selection_split(split: Split, config: FinetuneConfig) -> Split:
+    """``split.train`` divided into the images trained on (``train``) and those that choose the
+    epoch (``val``): ``selection_fraction`` of each class, seeded by ``seed``."""
+    counts = split.counts(split.train)
+    few = [label for label, n in counts.items() if n < 2]
+    if few:
+        raise TrainingError(
+            f"class {', '.join(repr(c) for c in few)} has fewer than 2 training images; the full fine-tune holds "
+            "out some of each class's training images to choose its epoch (add images, or use --mode linear)"
+        )
+    train, select = stratified_split(split.train, split.labels, config.selection_fraction, config.seed)
+    return Split(split.labels, train, select, split.seed, config.selection_fraction)
 
 
 @dataclass
@@ -106,10 +126,12 @@ class FullTrainer:
         self.workers = decode_workers(config.workers, ctx.world_size)
         if ctx.world_size > 1 and ctx.device.type == "cpu":
             torch.set_num_threads(max(1, available_cores() // ctx.world_size))
-        self.val, self.val_targets = split.val, split.targets(split.val)
+        self.val = split.val
+        fit = selection_split(split, config)
+        self.select, self.select_targets = fit.val, fit.targets(fit.val)
         self.batches, self.sampler = training_batches(
-            split.train,
-            split.targets(split.train),
+            fit.train,
+            fit.targets(fit.train),
             images,
             ctx,
             batch_size=config.batch_size,
@@ -118,7 +140,7 @@ class FullTrainer:
         )
         net.to(ctx.device)
         self.opt = Optimization.build(
-            net, config, split.class_weights(), device=ctx.device, steps_per_epoch=len(self.batches)
+            net, config, fit.class_weights(), device=ctx.device, steps_per_epoch=len(self.batches)
         )
         self.state = ckpt.TrainState()
         self.best_state = copy.deepcopy(net.state_dict())
@@ -141,7 +163,7 @@ class FullTrainer:
             while not self.done:
                 row = self.run_epoch(progress)
                 bar.update(1)
-                bar.set_postfix(val_acc=f"{row['val_accuracy']:.3f}", val_loss=f"{row['val_loss']:.3f}")
+                bar.set_postfix(sel_acc=f"{row['selection_accuracy']:.3f}", sel_loss=f"{row['selection_loss']:.3f}")
         return self.result()
 
     def restore(self) -> None:
@@ -169,15 +191,15 @@ class FullTrainer:
         log.info("resuming %s after epoch %d of %d", self.run_dir, self.state.epoch, self.config.epochs)
 
     def run_epoch(self, progress: bool = False) -> dict[str, Any]:
-        """Train one epoch, validate, keep the best weights, write the checkpoint and decide whether
-        to stop; returns the epoch's row of the history."""
+        """Train one epoch, score it on the selection images, keep the best weights, write the
+        checkpoint and decide whether to stop; returns the epoch's row of the history."""
         epoch = self.state.epoch
         frozen = epoch < self.config.freeze_epochs
         t0 = time.perf_counter()
         train_loss = self._train(epoch, frozen, progress)
-        val_loss, val_acc = self._validate()
+        loss, accuracy = self._score()
         self.state.epoch += 1
-        row = self._record(frozen, train_loss, val_loss, val_acc, time.perf_counter() - t0)
+        row = self._record(frozen, train_loss, loss, accuracy, time.perf_counter() - t0)
         self._save(frozen)
         self._decide_stop()
         return row
@@ -217,24 +239,22 @@ class FullTrainer:
         sync_buffers(self.ctx, self.net)
         return float(totals[0]) / max(float(totals[1]), 1.0)
 
-    def _evaluate(self) -> np.ndarray:
+    def _evaluate(self, samples: Sequence[Sample]) -> np.ndarray:
         batch_size, amp_dtype = self.config.batch_size, self.opt.amp_dtype
         return evaluate(
-            self.net, self.val, self.images, self.ctx, batch_size=batch_size, workers=self.workers, amp_dtype=amp_dtype
+            self.net, samples, self.images, self.ctx, batch_size=batch_size, workers=self.workers, amp_dtype=amp_dtype
         )
 
-    def _validate(self) -> tuple[float, float]:
-        """Validation loss (class-weighted, no smoothing) and accuracy."""
-        logits = self._evaluate()
-        loss = float(self.opt.val_criterion(torch.from_numpy(logits), torch.from_numpy(self.val_targets)))
-        return loss, float((logits.argmax(1) == self.val_targets).mean())
+    def _score(self) -> tuple[float, float]:
+        """Loss (class-weighted, no smoothing) and accuracy on the selection images."""
+        logits = self._evaluate(self.select)
+        loss = float(self.opt.val_criterion(torch.from_numpy(logits), torch.from_numpy(self.select_targets)))
+        return loss, float((logits.argmax(1) == self.select_targets).mean())
 
-    def _record(
-        self, frozen: bool, train_loss: float, val_loss: float, val_acc: float, seconds: float
-    ) -> dict[str, Any]:
+    def _record(self, frozen: bool, train_loss: float, loss: float, accuracy: float, seconds: float) -> dict[str, Any]:
         state = self.state
-        if val_loss < state.best_loss - 1e-6:
-            state.best_loss, state.best_epoch, state.epochs_without_improvement = val_loss, state.epoch, 0
+        if loss < state.best_loss - 1e-6:
+            state.best_loss, state.best_epoch, state.epochs_without_improvement = loss, state.epoch, 0
             self.best_state = copy.deepcopy(self.net.state_dict())
         else:
             state.epochs_without_improvement += 1
@@ -243,8 +263,8 @@ class FullTrainer:
             "epoch": state.epoch,
             "frozen": frozen,
             "train_loss": train_loss,
-            "val_loss": val_loss,
-            "val_accuracy": val_acc,
+            "selection_loss": loss,
+            "selection_accuracy": accuracy,
             "lr_head": lrs["head"],
             "lr_backbone": lrs["body"],
             "seconds": seconds,
@@ -252,13 +272,13 @@ class FullTrainer:
         state.history.append(row)
         state.seconds += seconds
         log.info(
-            "epoch %d/%d%s: train loss %.4f, val loss %.4f, val accuracy %.4f",
+            "epoch %d/%d%s: train loss %.4f, selection loss %.4f, selection accuracy %.4f",
             state.epoch,
             self.config.epochs,
             " (backbone frozen)" if frozen else "",
             train_loss,
-            val_loss,
-            val_acc,
+            loss,
+            accuracy,
         )
         return row
 
@@ -281,17 +301,18 @@ class FullTrainer:
         if state.epoch >= config.epochs:
             return
         if state.epochs_without_improvement >= config.patience:
-            log.info("early stop after epoch %d: no better val loss for %d epochs", state.epoch, config.patience)
+            log.info("early stop after epoch %d: no better selection loss for %d epochs", state.epoch, config.patience)
             self.stopped_early = True
         elif config.stop_after_epochs is not None and state.epoch >= config.stop_after_epochs:
             log.warning("stopping after epoch %d as asked; resume with --resume", state.epoch)
             self.interrupted = True
 
     def result(self) -> FullResult:
-        """The best epoch's weights (moved to the CPU) and their validation logits."""
+        """The best epoch's weights (moved to the CPU) and their validation logits (the first and
+        only time the validation images are seen)."""
         self.net.load_state_dict(self.best_state)
         # an interrupted run registers nothing: no final evaluation
-        val_logits = np.zeros((0, self.net.num_classes), np.float32) if self.interrupted else self._evaluate()
+        val_logits = np.zeros((0, self.net.num_classes), np.float32) if self.interrupted else self._evaluate(self.val)
         self.net.to("cpu").eval()
         set_frozen(self.net, False)
         amp_dtype = self.opt.amp_dtype
@@ -307,6 +328,11 @@ class FullTrainer:
             world_size=self.ctx.world_size,
             details={
                 "steps_per_epoch": len(self.batches),
+                "selection": {
+                    "images": len(self.select),
+                    "fraction": self.config.selection_fraction,
+                    "fingerprint": fingerprint(self.select),
+                },
                 "warmup_steps": self.opt.warmup_steps,
                 "workers": self.workers,
             },

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import logging
 import platform
+import sys
 import tempfile
 from dataclasses import dataclass
+from importlib.metadata import version
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from models import Registry, Settings, StoredVersion, get_settings
 from models.export import ensure_version, register_backbone
@@ -24,17 +24,22 @@ from models.preprocess import ImageLoader
 from models.runtime import available_cores
 from models.spec import Architecture
 
-from . import checkpoint
 from .config import FinetuneConfig
 from .data import ImageSet, check_readable, odd_formats, scan_dataset
-from .distributed import DistContext, barrier
+from .distributed import DistContext, barrier, pick_device
 from .errors import TrainingError
 from .features import FeatureTable, extract_features
+from .graft import graft_refusal, register_grafted
 from .metrics import classification_report
 from .promote import Promotion, promote_if_better
-from .recipes import Trained, fit_linear, train_full_network
+from .recipes import Trained, fit_linear, parent_with_head, train_full_network
 from .report import Timing, data_section, spec_training, write_report_files
+from .report_html import html_report_path, misclassified, write_html_report
 from .split import Split, make_split, precheck
+
+if TYPE_CHECKING:
+    from models.networks import Backbone
+from .views import VIEW_SETS
 
 log = logging.getLogger(__name__)
 
@@ -68,10 +73,10 @@ def finetune(
     """
     run = FinetuneRun(config, registry=registry, settings=settings, ctx=ctx)
     train_set, val_set = run.scan()
-    parent = run.parent_version()
-    table, train_set, val_set = run.decode_once(parent, train_set, val_set, progress=progress)
-    split, report = run.split(parent, train_set, val_set)
-    trained = run.train(parent, split, table, report, progress=progress)
+    parents = run.parent_versions()
+    tables, train_set, val_set = run.decode_once(parents, train_set, val_set, progress=progress)
+    split, report = run.split(train_set, val_set)
+    trained = run.train(parents, split, tables, report, progress=progress)
     report["warnings"] = run.warnings
     report["environment"] = environment(run.cores)
     if trained.interrupted:
@@ -84,19 +89,22 @@ def finetune(
     )
     if not run.ctx.is_main:
         return FinetuneResult(report=report, stored=None, promotion=None)
-    stored = run.register(parent, trained, split, report)
+    stored = run.register(trained, split, tables, report)
     promotion = run.promote(stored, split)
     run.finish(report, stored, promotion)
+    run.write_html(report, stored, trained, split)
     return FinetuneResult(report=report, stored=stored, promotion=promotion)
 
 
 def environment(cores: int) -> dict[str, Any]:
-    """The report's ``environment`` section."""
+    """The report's ``environment`` section (``cuda``: the GPU PyTorch saw, when the run used
+    PyTorch at all; the linear probe need not)."""
+    torch = sys.modules.get("torch")
     return {
         "python": platform.python_version(),
-        "torch": torch.__version__,
+        "torch": version("torch"),
         "cores": cores,
-        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "cuda": torch.cuda.get_device_name(0) if torch is not None and torch.cuda.is_available() else None,
     }
 
 
@@ -115,7 +123,8 @@ class FinetuneRun:
         self.config = config
         self.settings = settings or get_settings()
         self.registry = registry or Registry(settings=self.settings)
-        self.ctx = ctx or DistContext()
+        # a run in this one process trains on the device asked for (the probe trains on none)
+        self.ctx = ctx or DistContext(device_name=str(pick_device(config.device)) if config.mode == "full" else "cpu")
         if config.mode == "linear" and self.ctx.distributed:
             raise TrainingError("the linear probe runs in one process; start it without torchrun (or use --mode full)")
         self.run_dir = (config.run_dir or self.registry.own_dir("runs", config.name)).resolve()
@@ -142,49 +151,60 @@ class FinetuneRun:
             precheck(train_set)
         return train_set, val_set
 
-    def parent_version(self) -> StoredVersion:
-        """The backbone to start from; one process exports a catalog model on first use, the
-        others then find it registered."""
+    def parent_versions(self) -> list[StoredVersion]:
+        """The backbones to start from (one, unless the linear probe compares several); one process
+        exports a catalog model on first use, the others then find it registered."""
+        refs = self.config.backbones
         with self.timing.phase("backbone"):
-            parent = ensure_version(self.config.backbone, self.registry) if self.ctx.is_main else None
+            if self.ctx.is_main:
+                for ref in refs:
+                    ensure_version(ref, self.registry)
             barrier(self.ctx)
-            return parent or ensure_version(self.config.backbone, self.registry)
+            parents = [ensure_version(ref, self.registry) for ref in refs]
+        tags = [p.tag for p in parents]
+        if len(set(tags)) != len(tags):
+            raise TrainingError(f"--backbone {self.config.backbone!r} names one version twice ({', '.join(tags)})")
+        return parents
 
     def decode_once(
-        self, parent: StoredVersion, train_set: ImageSet, val_set: ImageSet | None, *, progress: bool
-    ) -> tuple[FeatureTable | None, ImageSet, ImageSet | None]:
+        self, parents: list[StoredVersion], train_set: ImageSet, val_set: ImageSet | None, *, progress: bool
+    ) -> tuple[dict[str, FeatureTable], ImageSet, ImageSet | None]:
         """Decode every image once and set aside those that fail: the linear probe's feature pass
-        (which returns the features) or the full fine-tune's readability pass."""
+        for each backbone (which returns the features, by parent tag) or the full fine-tune's
+        readability pass."""
         every = train_set.samples + (val_set.samples if val_set else [])
-        table = None
+        tables: dict[str, FeatureTable] = {}
+        bad: dict[str, str] = {}
         if self.config.mode == "linear":
             # the feature pass decodes every new image anyway: it is the readability check too
             with self.timing.phase("features"):
-                table = extract_features(
-                    parent,
-                    every,
-                    registry=self.registry,
-                    settings=self.settings,
-                    batch_size=self.config.batch_size,
-                    workers=self.config.workers,
-                    progress=progress,
-                )
-            bad = table.failed
+                for parent in parents:
+                    tables[parent.tag] = extract_features(
+                        parent,
+                        every,
+                        registry=self.registry,
+                        settings=self.settings,
+                        views=VIEW_SETS[self.config.views],
+                        batch_size=self.config.batch_size,
+                        workers=self.config.workers,
+                        progress=progress,
+                    )
+                    bad.update(tables[parent.tag].failed)
         else:
             with self.timing.phase("readability"):
-                bad = check_readable(every, self.images(parent).decode, workers=self.config.workers or self.cores)
+                images = self.images(parents[0])
+                bad = check_readable(every, images.decode, workers=self.config.workers or self.cores)
         train_set, val_set = train_set.without(bad), (val_set.without(bad) if val_set else None)
         unreadable = train_set.unreadable + (val_set.unreadable if val_set else [])
         for u in unreadable:
             log.warning("skipping %s: %s", u.rel, u.reason)
         if unreadable:
             self.warn(f"{len(unreadable)} unreadable file(s) skipped (listed in the report)")
-        return table, train_set, val_set
+        return tables, train_set, val_set
 
-    def split(
-        self, parent: StoredVersion, train_set: ImageSet, val_set: ImageSet | None
-    ) -> tuple[Split, dict[str, Any]]:
-        """The checked split, and the report's sections on the run and its data."""
+    def split(self, train_set: ImageSet, val_set: ImageSet | None) -> tuple[Split, dict[str, Any]]:
+        """The checked split, and the report's sections on the run and its data (``backbone`` is
+        filled in by :meth:`train`)."""
         c = self.config
         split = make_split(
             train_set, val_set, val_fraction=c.val_fraction, seed=c.seed, imbalance_ratio=c.imbalance_ratio
@@ -200,7 +220,7 @@ class FinetuneRun:
         report: dict[str, Any] = {
             "name": c.name,
             "mode": c.mode,
-            "backbone": parent.tag,
+            "backbone": None,
             "labels": split.labels,
             "data": data_section(train_set, val_set, split, odd),
             "split": {
@@ -213,50 +233,83 @@ class FinetuneRun:
         return split, report
 
     def train(
-        self, parent: StoredVersion, split: Split, table: FeatureTable | None, report: dict[str, Any], *, progress: bool
+        self,
+        parents: list[StoredVersion],
+        split: Split,
+        tables: dict[str, FeatureTable],
+        report: dict[str, Any],
+        *,
+        progress: bool,
     ) -> Trained:
         """The recipe of ``config.mode``; adds its sections to ``report``."""
         if self.config.mode == "linear":
-            assert table is not None
-            trained = fit_linear(self.config, parent, table, split, self.timing)
-            report["recipe"] = trained.recipe
-            report["features"] = table.stats.to_dict()
-            return trained
-        with self.timing.phase("train"):
-            trained = train_full_network(
-                self.config,
-                parent,
-                split,
-                self.images(parent),
-                self.ctx,
-                run_dir=self.run_dir,
-                data=report["data"],
-                progress=progress,
-            )
-            report["recipe"] = trained.recipe
+            trained = fit_linear(self.config, parents, tables, split, self.timing)
+            report["features"] = tables[trained.parent.tag].stats.to_dict()
+        else:
+            with self.timing.phase("train"):
+                trained = train_full_network(
+                    self.config,
+                    parents[0],
+                    split,
+                    self.images(parents[0]),
+                    self.ctx,
+                    run_dir=self.run_dir,
+                    data=report["data"],
+                    progress=progress,
+                )
+        report["backbone"] = trained.parent.tag
+        report["recipe"] = trained.recipe
         return trained
 
-    def register(self, parent: StoredVersion, trained: Trained, split: Split, report: dict[str, Any]) -> StoredVersion:
-        """Export, verify and register the new version with its report files."""
+    def register(
+        self, trained: Trained, split: Split, tables: dict[str, FeatureTable], report: dict[str, Any]
+    ) -> StoredVersion:
+        """Export (or graft: :mod:`finetune.graft`), verify and register the new version with its
+        report files."""
+        parent, head = trained.parent, trained.head
+        refusal = graft_refusal(parent) if head is not None else "a full fine-tune changes every layer"
+        graph = "the parent's graph with the new head" if refusal is None else f"exported from PyTorch ({refusal})"
+        report["recipe"]["graph"] = graph
         report["timing"] = {**self.timing.seconds, "before_export": self.timing.elapsed()}
-        arch = parent.spec.architecture
         with self.timing.phase("export"), tempfile.TemporaryDirectory(prefix="backbones-report-") as tmp:
             files = write_report_files(report, Path(tmp))
-            stored = register_backbone(
-                trained.net,
-                registry=self.registry,
-                name=self.config.name,
-                preprocess=parent.spec.preprocess,
-                labels=split.labels,
-                parent=parent.tag,
-                architecture=Architecture(family=arch.family, name=arch.name, num_classes=len(split.labels)),
-                source={"finetune": self.config.mode, "backbone": parent.tag},
-                training=spec_training(report),
-                verify_sources=[s.path for s in split.val[:VERIFY_IMAGES]],
-                extra_files=files,
-            )
+            if head is not None and refusal is None:
+                stored = register_grafted(
+                    parent,
+                    head,
+                    registry=self.registry,
+                    name=self.config.name,
+                    labels=split.labels,
+                    training=spec_training(report),
+                    verify_samples=split.val[:VERIFY_IMAGES],
+                    table=tables[parent.tag],
+                    loader=self.images(parent),
+                    extra_files=files,
+                )
+            else:
+                net = trained.net if head is None else parent_with_head(parent, head.weight, head.bias)
+                assert net is not None
+                stored = self._export(net, parent, split, report, files)
         log.info("registered %s", stored.tag)
         return stored
+
+    def _export(
+        self, net: Backbone, parent: StoredVersion, split: Split, report: dict[str, Any], files: dict[str, Path]
+    ) -> StoredVersion:
+        arch = parent.spec.architecture
+        return register_backbone(
+            net,
+            registry=self.registry,
+            name=self.config.name,
+            preprocess=parent.spec.preprocess,
+            labels=split.labels,
+            parent=parent.tag,
+            architecture=Architecture(family=arch.family, name=arch.name, num_classes=len(split.labels)),
+            source={"finetune": self.config.mode, "backbone": parent.tag},
+            training=spec_training(report),
+            verify_sources=[s.path for s in split.val[:VERIFY_IMAGES]],
+            extra_files=files,
+        )
 
     def promote(self, stored: StoredVersion, split: Split) -> Promotion | None:
         """Move ``config.promote_if_better`` to ``stored`` if it is better on the same validation images."""
@@ -265,7 +318,14 @@ class FinetuneRun:
             return None
         with self.timing.phase("promotion"):
             promotion = promote_if_better(
-                self.registry, stored, alias, split.val, settings=self.settings, batch_size=self.config.batch_size
+                self.registry,
+                stored,
+                alias,
+                split.val,
+                min_images=self.config.gate_min_images,
+                force=self.config.force_promotion,
+                settings=self.settings,
+                batch_size=self.config.batch_size,
             )
         log.info("%s", promotion.line())
         return promotion
@@ -273,9 +333,22 @@ class FinetuneRun:
     def finish(self, report: dict[str, Any], stored: StoredVersion, promotion: Promotion | None) -> None:
         """Clear the registered run's checkpoints and complete the report."""
         if self.config.mode == "full":
+            from . import checkpoint
+
             checkpoint.clear(self.run_dir)
         self.timing.seconds["total"] = self.timing.elapsed()
         report["timing"] = self.timing.seconds
         report["model"] = stored.tag
         report["version_path"] = str(stored.path)
         report["promotion"] = promotion.to_dict() if promotion else None
+
+    def write_html(self, report: dict[str, Any], stored: StoredVersion, trained: Trained, split: Split) -> None:
+        """The HTML report (:mod:`finetune.report_html`) beside the run; its path goes into
+        ``report`` (the version is registered by now: a failure here is a warning)."""
+        path = html_report_path(self.registry, stored.spec.name, stored.spec.version)
+        loader = self.images(trained.parent)
+        try:
+            misses = misclassified(split.val, trained.val_logits, split.labels, loader, workers=self.cores)
+            report["report_html"] = str(write_html_report(path, report, misses))
+        except OSError as e:
+            self.warn(f"the HTML report could not be written to {path}: {e}")

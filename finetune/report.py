@@ -189,6 +189,7 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
         lines.append("  confusion (rows: true, columns: predicted)")
         for label, row in zip(report["labels"], m["confusion"]["matrix"], strict=True):
             lines.append(f"    {label:{width}}  " + " ".join(f"{v:>5}" for v in row))
+    lines.extend(_recipe_lines(report["recipe"]))
     timing = report["timing"]
     lines.append("  time  " + ", ".join(f"{k} {v:.1f}s" for k, v in timing.items() if isinstance(v, float)))
     feats = report.get("features")
@@ -200,4 +201,28 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
     for w in report.get("warnings", []):
         lines.append(f"  warning: {w}")
     lines.append(f"  dataset fingerprint {data['fingerprint'][:16]}…  split seed {report['split']['seed']}")
+    return lines
+
+
+def _recipe_lines(recipe: dict[str, Any]) -> list[str]:
+    """What the recipe chose and why: the probe's penalty and its table of backbones, or the full
+    fine-tune's epoch."""
+    lines = []
+    if recipe.get("why"):
+        views = recipe.get("views") or []
+        lines.append(f"  probe  {recipe['why']}" + (f"; views: {', '.join(views)}" if len(views) > 1 else ""))
+    for row in recipe.get("backbones", []):
+        lines.append(
+            f"  {'*' if row['chosen'] else ' '} backbone {row['backbone']:44} CV log loss {_fmt(row['cv_loss'], 4)}  "
+            f"CV acc {_fmt(row['cv_accuracy'], 4)}  val acc {_fmt(row['val_accuracy'], 4)}  "
+            f"features {row['features_seconds']:.1f}s  fit {row['fit_seconds']:.1f}s"
+        )
+    if recipe.get("backbone_choice"):
+        lines.append(f"  chosen  {recipe['backbone_choice']}")
+    if recipe.get("selection"):
+        sel = recipe["selection"]
+        lines.append(
+            f"  epoch  {recipe['best_epoch']} of {recipe['epochs_run']}, chosen on {sel['images']} training images "
+            "held out for it (not the validation split)"
+        )
     return lines

@@ -434,10 +434,18 @@ class Registry:
         """Every alias change of ``name``, oldest first (append-only)."""
         return builtins.list(self._alias_doc(_registry_name(name))["history"])
 
-    def _change_alias(self, name: str, alias: str, version: str | None) -> dict[str, Any]:
+    def _change_alias(
+        self, name: str, alias: str, version: str | None, *, check: bool = False, expected: str | None = None
+    ) -> dict[str, Any]:
+        """``check``: change it only if it points to ``expected`` (``None``: is not set) right now."""
         with self.lock(name):
             doc = self._alias_doc(name)
             previous = doc["aliases"].get(alias)
+            if check and previous != expected:
+                raise RegistryError(
+                    f"{name}@{alias} points to {previous or 'no version'} now, not {expected or 'no version'} "
+                    "as when it was read: it moved meanwhile, and was left as it is"
+                )
             if version is None:
                 if previous is None:
                     raise UnknownModelError(f"{name} has no alias {alias!r}")
@@ -458,11 +466,20 @@ class Registry:
 
     def set_alias(self, ref: str, alias: str) -> dict[str, Any]:
         """Point ``alias`` at the version ``ref`` names; returns the history event."""
+        name, version = self._alias_target(ref, alias)
+        return self._change_alias(name, alias, version)
+
+    def compare_and_set_alias(self, ref: str, alias: str, expected: str | None) -> dict[str, Any]:
+        """:meth:`set_alias`, only if ``alias`` still points to version ``expected`` (``None``: is
+        not set), checked under the lock; else :class:`RegistryError`, and nothing changes."""
+        name, version = self._alias_target(ref, alias)
+        return self._change_alias(name, alias, version, check=True, expected=expected)
+
+    def _alias_target(self, ref: str, alias: str) -> tuple[str, str]:
         validate_name(alias, "alias")
         if alias == "latest":
             raise RegistryError("'latest' is reserved: a bare name already means the newest version")
-        name, version = self.resolve(ref)
-        return self._change_alias(name, alias, version)
+        return self.resolve(ref)
 
     def remove_alias(self, name: str, alias: str) -> dict[str, Any]:
         return self._change_alias(_registry_name(name), validate_name(alias, "alias"), None)

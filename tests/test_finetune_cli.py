@@ -73,6 +73,8 @@ def test_the_terminal_summary_and_show(home: Path, tmp_path: Path) -> None:
     assert any(line.strip().startswith("val accuracy") for line in out)
     assert any(line.strip().startswith("red ") for line in out)  # per-class table
     assert any(line.strip().startswith("features  16 computed") for line in out)
+    assert any(line.startswith("  probe  weight decay") and "cross-validation" in line for line in out)
+    assert any(line.startswith("  report  ") and line.endswith("report.html") for line in out)
     assert any(line.startswith(f"promotion: colors@staging -> {tag}: colors@staging did not exist yet") for line in out)
     shown = runner.invoke(cli, ["models", "show", "colors"])
     assert shown.exit_code == 0 and '"accuracy":' in shown.stdout and "report.json" in shown.stdout
@@ -98,6 +100,10 @@ def test_the_terminal_summary_and_show(home: Path, tmp_path: Path) -> None:
         (["--nproc-per-node", "2"], "--nproc-per-node applies to --mode full only"),
         (["--val-fraction", "1.5"], "1.5 is not in the range"),
         (["--mode", "fast"], "'fast' is not one of"),
+        (["--mode", "full", "--views", "flip"], "--views applies to --mode linear only"),
+        (["--views", "mirror"], "'mirror' is not one of"),
+        (["--gate-min-images", "10"], "--gate-min-images applies with --promote-if-better only"),
+        (["--force-promotion"], "--force-promotion applies with --promote-if-better only"),
     ],
 )
 def test_usage_errors_exit_2(tmp_path: Path, args: list[str], message: str) -> None:
@@ -106,6 +112,17 @@ def test_usage_errors_exit_2(tmp_path: Path, args: list[str], message: str) -> N
     result = CliRunner().invoke(cli, argv)
     assert result.exit_code == 2
     assert message in result.output
+
+
+def test_several_backbones_with_the_full_fine_tune_is_one_line(tmp_path: Path) -> None:
+    data = make_dataset(tmp_path / "photos", {"blue": 2, "red": 2})
+    argv = ["finetune", str(data), "--backbone", "auto", "--name", "x", "--mode", "full"]
+    result = CliRunner().invoke(cli, argv)
+    assert result.exit_code == 1
+    assert result.output.strip() == (
+        "error: --backbone 'auto' compares several backbones, which the linear probe alone does; "
+        "give one backbone with --mode full"
+    )
 
 
 def test_a_bad_name_is_one_line_before_any_work(tmp_path: Path) -> None:

@@ -80,7 +80,7 @@ def test_an_interrupted_run_resumed_ends_where_an_uninterrupted_one_does(
     again = resumed.report["recipe"]["history"]
     assert [h["frozen"] for h in again] == [True, False, False]  # the freeze phase ended on schedule
     for a, b in zip(history, again, strict=True):
-        assert a["val_loss"] == pytest.approx(b["val_loss"], abs=1e-6)
+        assert a["selection_loss"] == pytest.approx(b["selection_loss"], abs=1e-6)
         assert a["lr_head"] == pytest.approx(b["lr_head"])  # the schedule continued, not restarted
     w_straight, w_resumed = _weights(straight.stored), _weights(resumed.stored)
     for k in w_straight:
@@ -125,8 +125,10 @@ def test_two_gloo_processes_under_torchrun_register_one_version(tmp_path: Path, 
     report = json.loads(report_path.read_text())
     recipe = report["recipe"]
     assert recipe["world_size"] == 2 and recipe["device"] == "cpu"
-    # 20 training images (25 minus 2 + 3 for validation) in two shards of 10: 3 batches of 4 each
-    assert recipe["steps_per_epoch"] == 3
+    # 20 training images (25 minus 2 + 3 for validation), 2 + 2 of them held out to choose the
+    # epoch: 16 in two shards of 8, 2 batches of 4 each
+    assert recipe["selection"]["images"] == 4
+    assert recipe["steps_per_epoch"] == 2
     assert len(recipe["history"]) == 2
     # validation was split 3 + 2 across the processes and gathered whole, in order
     assert report["metrics"]["images"] == 5

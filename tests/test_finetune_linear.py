@@ -132,18 +132,19 @@ def _accuracy(stored: StoredVersion | None) -> float:
 
 def test_promotion_gate_moves_the_alias_only_for_a_better_version(tmp_path: Path, reg: Registry) -> None:
     data = make_dataset(tmp_path / "data", {"blue": 10, "red": 10}, seed=13)
-    name, alias = "gate", "production"
+    # 4 validation images: below the gate's default minimum, which tests/test_finetune_gate.py covers
+    name, alias, gate = "gate", "production", {"gate_min_images": 4}
     # a deliberately poor version first: trained on the same classes with the labels swapped
     swapped = make_dataset(tmp_path / "swapped", {"blue": 10, "red": 10}, seed=14)
     (swapped / "red").rename(swapped / "tmp")
     (swapped / "blue").rename(swapped / "red")
     (swapped / "tmp").rename(swapped / "blue")
-    weak = finetune(config(swapped, name, promote_if_better=alias), registry=reg)
+    weak = finetune(config(swapped, name, promote_if_better=alias, **gate), registry=reg)
     assert weak.promotion is not None and weak.promotion.promoted
     assert "did not exist yet" in weak.promotion.reason
     assert reg.aliases(name)[alias] == weak.stored.spec.version  # type: ignore[union-attr]
 
-    good = finetune(config(data, name, promote_if_better=alias), registry=reg)
+    good = finetune(config(data, name, promote_if_better=alias, **gate), registry=reg)
     p = good.promotion
     assert p is not None and p.promoted and p.reason == "better accuracy"
     assert p.old_tag == weak.stored.tag and p.new_accuracy is not None and p.old_accuracy is not None  # type: ignore[union-attr]
@@ -152,7 +153,7 @@ def test_promotion_gate_moves_the_alias_only_for_a_better_version(tmp_path: Path
     assert reg.aliases(name)[alias] == good.stored.spec.version  # type: ignore[union-attr]
     assert "not moved" not in p.line() and f"{p.old_accuracy:.4f}" in p.line()
 
-    tie = finetune(config(data, name, promote_if_better=alias), registry=reg)
+    tie = finetune(config(data, name, promote_if_better=alias, **gate), registry=reg)
     t = tie.promotion
     assert t is not None and not t.promoted and "tie does not promote" in t.reason
     assert t.new_accuracy == t.old_accuracy
@@ -160,7 +161,7 @@ def test_promotion_gate_moves_the_alias_only_for_a_better_version(tmp_path: Path
 
     # a version for other labels is another task: the gate refuses to replace the old one with it
     make_dataset(data, {"green": 10}, seed=13)
-    other = finetune(config(data, name, promote_if_better=alias), registry=reg)
+    other = finetune(config(data, name, promote_if_better=alias, **gate), registry=reg)
     o = other.promotion
     assert o is not None and not o.promoted and "other labels" in o.reason and "only here: ['green']" in o.reason
     assert reg.aliases(name)[alias] == good.stored.spec.version  # type: ignore[union-attr]
