@@ -18,7 +18,9 @@ terminal sends SIGINT, which is not drained: uvicorn stops at once.
 
 :class:`ReadinessMiddleware` answers ``/readyz`` with JSON reasons while the worker is draining or
 a served model is not loaded (BentoML's own probe only says 503); ``/livez`` stays BentoML's: a
-worker that is loading, retrying a model or draining is alive.
+worker that is loading, retrying a model or draining is alive. A worker that serves every model
+but cannot load a newer version (the registry does not answer, the new version failed) stays
+ready: its loaded versions still answer; BentoML's 200 then carries the reasons in JSON.
 """
 
 from __future__ import annotations
@@ -55,6 +57,8 @@ class Readiness(Protocol):
     def ready(self) -> bool: ...
 
     def not_ready_reasons(self) -> dict[str, str]: ...
+
+    def update_errors(self) -> dict[str, str]: ...
 
 
 class Drain:
@@ -116,7 +120,8 @@ class Drain:
 
 class ReadinessMiddleware:
     """``GET /readyz``: 503 with a JSON reason while draining or while a model is not loaded; the
-    request goes on to BentoML's probe (200) otherwise."""
+    request goes on to BentoML's probe (200) otherwise, whose body names what a loaded model could
+    not update to, if anything."""
 
     def __init__(self, app: ASGIApp, *, pool: Readiness, drain: Drain, path: str = "/readyz") -> None:
         self.app = app
@@ -132,6 +137,9 @@ class ReadinessMiddleware:
             body: dict[str, Any] = {"ready": False, "reason": "draining"}
         elif not self.pool.ready:
             body = {"ready": False, "reason": "models not loaded", "models": self.pool.not_ready_reasons()}
+        elif errors := self.pool.update_errors():
+            await self.app(scope, receive, _json_body(send, {"reason": "serving loaded versions", "models": errors}))
+            return
         else:
             await self.app(scope, receive, send)
             return
@@ -148,3 +156,26 @@ class ReadinessMiddleware:
             }
         )
         await send({"type": "http.response.body", "body": payload})
+
+
+def _json_body(send: Send, doc: dict[str, Any]) -> Send:
+    """``send`` with the response's body replaced by ``{"ready": <status is 200>, **doc}`` as
+    JSON; the status stays the app's."""
+    payload = b""
+
+    async def replaced(message: Message) -> None:
+        nonlocal payload
+        if message["type"] == "http.response.start":
+            payload = json.dumps({"ready": message["status"] == 200, **doc}).encode()
+            kept = [
+                (k, v) for k, v in message.get("headers", []) if k.lower() not in (b"content-type", b"content-length")
+            ]
+            kept += [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]
+            message = {**message, "headers": kept}
+        elif message["type"] == "http.response.body":
+            if message.get("more_body"):
+                return  # the app's own body, in pieces: replaced by the last one
+            message = {**message, "body": payload}
+        await send(message)
+
+    return replaced

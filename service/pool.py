@@ -7,7 +7,8 @@ checked and warmed up beside the old one, then swapped in with one assignment. R
 drains and stops. A version that fails to load leaves the old one serving; the failure is logged,
 shown in ``/models`` and counted in ``backbones_model_swaps_total{outcome="failed"}``. A model
 that has not loaded at all (a missing registry, a broken file) is retried with exponential backoff
-up to ``load_retry_max_seconds``; ``/readyz`` says why meanwhile (service/drain.py).
+up to ``load_retry_max_seconds``; ``/readyz`` says why meanwhile (service/drain.py). Versions come
+from the local store or from a registry in object storage, pulled into it (service/source.py).
 """
 
 from __future__ import annotations
@@ -25,10 +26,9 @@ from models.runtime import serving_plan
 
 from .batching import BatchStats, MicroBatcher, calibrate_batch_size
 from .metrics import metrics
+from .source import RETRY_FIRST_SECONDS, ModelSource, SourceUnavailableError, source_for
 
 log = logging.getLogger(__name__)
-
-RETRY_FIRST_SECONDS = 1.0  # the first wait after a failed start-up load (then doubled up to the cap)
 
 
 @dataclass
@@ -59,7 +59,7 @@ class ModelSlot:
     retry_in: float = 0.0  # while nothing is loaded: the wait before the next attempt (doubles)
     retry_at: float = 0.0  # time.monotonic() of the next attempt
 
-    def describe(self, registry: Registry) -> dict[str, Any]:
+    def describe(self, registry: ModelSource) -> dict[str, Any]:
         doc: dict[str, Any] = {
             "ref": self.ref,
             "name": self.name,
@@ -93,6 +93,7 @@ class ModelPool:
             raise BackbonesError(f"no model to serve: pass --model REF (or set {Settings.env_name('serve_models')})")
         self.settings = settings
         self.registry = registry or Registry(settings=settings)
+        self.source = source_for(settings, self.registry)  # the local store, or a bucket it caches
         self.slots: list[ModelSlot] = []
         for ref in refs:
             parsed = Ref.parse(ref)
@@ -109,11 +110,16 @@ class ModelPool:
 
     def describe(self) -> dict[str, Any]:
         """``GET /models``: readiness, and each served model as :meth:`ModelSlot.describe` has it."""
-        return {"ready": self.ready, "models": [s.describe(self.registry) for s in self.slots]}
+        return {"ready": self.ready, "models": [s.describe(self.source) for s in self.slots]}
 
     def not_ready_reasons(self) -> dict[str, str]:
         """Why each model that is not loaded yet is not: its last load error, or ``loading``."""
         return {s.ref: s.error or "loading" for s in self.slots if s.current is None}
+
+    def update_errors(self) -> dict[str, str]:
+        """Why each loaded model may not serve the version it should: the registry could not be
+        read, or the version its alias points to failed to load."""
+        return {s.ref: s.error for s in self.slots if s.current is not None and s.error}
 
     def find(self, requested: str | None) -> ModelSlot | None:
         """The slot a request's ``model`` field names (None: the first served model).
@@ -128,7 +134,7 @@ class ModelPool:
             return slot
         if ref.version and not slot.current.model.spec.version.startswith(ref.version):
             return None
-        if ref.alias and self.registry.aliases(ref.name).get(ref.alias) != slot.current.model.spec.version:
+        if ref.alias and self.source.aliases(ref.name).get(ref.alias) != slot.current.model.spec.version:
             return None
         return slot
 
@@ -141,9 +147,7 @@ class ModelPool:
         model = (
             InferenceModel(stored, settings=self.settings, threads=threads, preflight=True)
             if stored is not None
-            else InferenceModel.load(
-                ref, registry=self.registry, settings=self.settings, threads=threads, preflight=True
-            )
+            else self.source.open(ref, settings=self.settings, threads=threads)
         )
         batch_size, rates = self.settings.max_batch_size, dict[int, float]()
         if not batch_size:
@@ -220,18 +224,21 @@ class ModelPool:
         if not slot.follows:
             return
         try:
-            name, version = await asyncio.to_thread(self.registry.resolve, slot.ref)
+            name, version = await asyncio.to_thread(self.source.resolve, slot.ref)
         except BackbonesError as e:
             slot.error = str(e)
             return
         if version == slot.current.model.spec.version:
+            slot.error = None  # the registry answers again, and nothing newer is waiting
             return
         if version == slot.failed_version:
             return
         try:
-            stored = await asyncio.to_thread(self.registry.get, f"{name}:{version}")
+            stored = await asyncio.to_thread(self.source.get, f"{name}:{version}")
         except BackbonesError as e:
-            slot.error, slot.failed_version = str(e), version
+            slot.error = str(e)
+            if not isinstance(e, SourceUnavailableError):  # a store that did not answer is asked again
+                slot.failed_version = version
             metrics().swaps.labels(slot.name, "failed").inc()
             log.error("not switching %s to %s:%s: %s", slot.ref, name, version, e)
             return
