@@ -18,7 +18,8 @@ from pydantic.fields import FieldInfo
 
 from finetune import FinetuneConfig
 
-from .common import F, echo_json, handle_errors
+from .common import F, echo_json, handle_errors, open_registry
+from .remote import local_version, publish, registry_option
 
 # What the command line adds to a config field: a metavar, or a stricter type (a folder that must exist).
 _CLI_EXTRAS: dict[str, dict[str, Any]] = {
@@ -90,9 +91,10 @@ def _config_options(command: F) -> F:
     show_default=True,
     help="Full: processes (GPUs) to train with, via torchrun (DDP; gloo on the CPU).",
 )
+@registry_option
 @click.option("--json", "as_json", is_flag=True, help="Print only the final report as JSON.")
 @handle_errors
-def finetune_cmd(data_dir: Path, as_json: bool, nproc_per_node: int, **options: Any) -> None:
+def finetune_cmd(data_dir: Path, as_json: bool, nproc_per_node: int, registry_url: str | None, **options: Any) -> None:
     """Fine-tune --backbone on DATA_DIR and register the result as a new version of --name.
 
     DATA_DIR is an ImageFolder (one sub-folder per class, the folder name is the label) or a CSV
@@ -130,17 +132,31 @@ def finetune_cmd(data_dir: Path, as_json: bool, nproc_per_node: int, **options: 
 
     if not as_json:
         click.echo(f"fine-tuning {config.backbone} on {data_dir} ({config.mode}) ...", err=True)
+    for backbone in _remote_backbones(config.backbone, registry_url):
+        local_version(backbone, registry_url)  # only the remote registry has it: pulled and verified
     if nproc_per_node > 1:
         report = _run_distributed(config, nproc_per_node)
     else:
         from finetune import finetune
 
         report = finetune(config, progress=True).report
+    publish(open_registry().get(report["model"]), registry_url, quiet=as_json)
     if as_json:
         echo_json(report)
     else:
         _print_summary(report)
     _check_promotion(report)
+
+
+def _remote_backbones(backbone: str, registry_url: str | None) -> list[str]:
+    """The registered backbones named in ``--backbone`` (not ``auto``, not catalog names) when a
+    remote registry is set: those may have to be pulled first."""
+    from models import get_settings
+    from models.catalog import find_entry
+
+    if backbone == "auto" or not (registry_url if registry_url is not None else get_settings().registry_url):
+        return []
+    return [b for b in backbone.split(",") if b and find_entry(b) is None]
 
 
 def _check_combination(given: dict[str, Any], mode: str, nproc_per_node: int) -> None:

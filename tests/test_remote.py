@@ -474,3 +474,19 @@ def test_export_and_conversion_publish_to_the_remote(run_cli, s3_url: str, tmp_p
 
     plain = run_cli("export", "tiny_cnn", extra_env={"BACKBONES_REGISTRY_URL": ""}, home_dir=tmp_path / "alone")
     assert plain.returncode == 0 and "published" not in plain.stderr
+
+
+@pytest.mark.slow
+def test_finetune_publishes_to_the_remote(run_cli, s3_url: str, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    from .conftest import jpeg_bytes
+
+    data = tmp_path / "data"
+    for c, label in enumerate(("ants", "bees")):
+        (data / label).mkdir(parents=True)
+        for i in range(8):
+            (data / label / f"{i}.jpg").write_bytes(jpeg_bytes(10 * c + i))
+    proc = run_cli("finetune", str(data), "--backbone", "tiny_cnn", "--name", "tinyft", "--registry", s3_url, "--json")
+    assert proc.returncode == 0, proc.stderr
+    tag = json.loads(proc.stdout)["model"]
+    remote = [r["tag"] for r in json.loads(run_cli("models", "list", "tinyft", "--json", "--registry", s3_url).stdout)]
+    assert remote == [tag]
