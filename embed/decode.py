@@ -2,9 +2,9 @@
 
 Each worker builds the model's :class:`models.preprocess.ImageLoader` once (the same eval
 transform the service uses) and turns a chunk of paths into one float32 batch. A path may be an
-object's URL: the worker reads its bytes itself (:func:`embed.storage.read_ahead`, with its own
-file system instance). This module imports no ONNX Runtime and no Arrow, so that worker
-processes start quickly.
+object's URL: the worker reads its bytes itself (:func:`embed.reads.read_ahead`, with its own
+file system instance). This module imports no ONNX Runtime, and no Arrow unless the inputs are
+objects, so that worker processes start quickly.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from multiprocessing import shared_memory
 from typing import Any
@@ -23,7 +23,8 @@ from models.errors import ImageError
 from models.preprocess import ImageLoader
 from models.spec import Preprocess
 
-from .storage import StorageError, read_ahead, warm_up
+from .reads import read_ahead, warm_up
+from .storage import StorageError
 
 
 @dataclass(frozen=True)
@@ -56,12 +57,18 @@ class Decoded:
     seconds: float
 
 
-def decode_chunk(loader: ImageLoader, paths: Sequence[str], out: np.ndarray | None = None) -> Decoded:
+def decode_chunk(
+    loader: ImageLoader,
+    paths: Sequence[str],
+    out: np.ndarray | None = None,
+    sources: Iterator[Callable[[], Any]] | None = None,
+) -> Decoded:
     """Decode and preprocess ``paths``; an unreadable image is recorded, never raised (an object
     store that fails as a whole raises :class:`embed.storage.StorageError`).
 
-        ``out``: an array of at least ``len(paths)`` images to decode into (the readable ones go
-        first, in order); ``pixels`` is then a view of it.
+    ``out``: an array of at least ``len(paths)`` images to decode into (the readable ones go
+    first, in order); ``pixels`` is then a view of it. ``sources``: ``read_ahead(paths)`` begun
+    by the caller (so that its reads started earlier).
     """
     t0 = time.perf_counter()
     crop = loader.preprocess.crop
@@ -70,7 +77,7 @@ def decode_chunk(loader: ImageLoader, paths: Sequence[str], out: np.ndarray | No
     ok = np.zeros(len(paths), dtype=bool)
     errors: dict[int, tuple[str, str]] = {}
     n = 0
-    for i, source in enumerate(read_ahead(paths)):
+    for i, source in enumerate(read_ahead(paths) if sources is None else sources):
         try:
             out[n] = loader(source())
             ok[i] = True

@@ -16,7 +16,7 @@ import numpy as np
 
 from . import output as out_
 from .decode import Decoded, LoaderConfig, decode_chunk
-from .storage import warm_up
+from .reads import read_ahead, warm_up
 
 
 @dataclass
@@ -112,7 +112,8 @@ class ShardEmbedder:
     def _decode(self, paths: Sequence[str]) -> Future[Decoded] | Decoded:
         if self.pool is None:
             return decode_chunk(self.loader, paths)
-        return self.pool.submit(decode_chunk, self.loader, paths)
+        # the batch's first objects are requested now, while the batches before it decode
+        return self.pool.submit(decode_chunk, self.loader, paths, None, read_ahead(paths))
 
     def _decoded(self, paths: Sequence[str]) -> Iterator[tuple[tuple[int, int], Decoded]]:
         """Each batch's span and decoded images, in order, with the next batches decoding ahead."""

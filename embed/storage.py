@@ -1,8 +1,9 @@
 """Where the batch job reads and writes: local paths, or objects in an S3-compatible store
-(``s3://bucket/key``, through fsspec and s3fs).
+(``s3://bucket/key``). Listing, manifests and everything the job writes go through fsspec and
+s3fs (botocore); the images' bytes through Arrow's S3 file system (:mod:`embed.reads`).
 
-Credentials and endpoints come the standard AWS way and are read by botocore itself: the AWS_*
-variables (``AWS_ENDPOINT_URL`` for MinIO and other S3-compatible stores, ``AWS_PROFILE``,
+Credentials and endpoints come the standard AWS way and are read by the AWS SDKs themselves: the
+AWS_* variables (``AWS_ENDPOINT_URL`` for MinIO and other S3-compatible stores, ``AWS_PROFILE``,
 ``AWS_MAX_ATTEMPTS``...), the shared config files, instance and workload identities. None of it
 passes through backbones: a URL that carries credentials (``s3://KEY:SECRET@bucket``) is refused,
 and messages name the object and the endpoint, never a key.
@@ -14,18 +15,14 @@ first use; fsspec keeps one per process.
 from __future__ import annotations
 
 import contextlib
-import functools
 import re
-from collections import deque
-from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Future
+from collections.abc import Iterator, Sequence
 from typing import IO, Any
 from urllib.parse import urlsplit
 
-from models.errors import BackbonesError, ImageError
+from models.errors import BackbonesError
 
 SCHEMES = ("s3",)  # object stores the job reads and writes
-READ_AHEAD = 16  # objects fetched at once by one decoding thread or process, ahead of the one decoded
 
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 
@@ -71,15 +68,6 @@ def filesystem(url: str) -> Any:
     import fsspec
 
     return fsspec.filesystem(urlsplit(check_url(url)).scheme.lower(), use_listings_cache=False)
-
-
-def warm_up(url: str | None) -> None:
-    """Import the store's client and make this process's file system for ``url`` (no request),
-    so that a worker pays for it while starting rather than on its first images."""
-    if url is None:
-        return
-    with contextlib.suppress(Exception):  # a bad URL or setting is reported where it is used
-        filesystem(url).connect()
 
 
 def first_url(paths: Sequence[str]) -> str | None:
@@ -153,54 +141,3 @@ def open_binary(location: str) -> IO[bytes]:
     if not is_url(location):
         return open(location, "rb")
     return filesystem(location).open(location, "rb")  # type: ignore[no-any-return]
-
-
-def read_ahead(paths: Sequence[str]) -> Iterator[Callable[[], Any]]:
-    """One call per path, in order, returning what the image loader reads: a local path as it
-    is, an object's bytes (fetched :data:`READ_AHEAD` at a time on fsspec's I/O thread, while the
-    caller decodes). A missing or forbidden object raises :class:`models.errors.ImageError` (that
-    image fails); any other failure of the store raises :class:`StorageError` (the job stops)."""
-    pending: deque[tuple[str, Future[bytes] | None]] = deque()
-    upcoming = iter(paths)
-
-    def fill() -> None:
-        while len(pending) < READ_AHEAD:
-            nxt = next(upcoming, None)
-            if nxt is None:
-                return
-            pending.append((nxt, _fetch(nxt) if is_url(nxt) else None))
-
-    fill()
-    while pending:
-        path, future = pending.popleft()
-        fill()
-        yield functools.partial(_result, path, future)
-
-
-def _fetch(url: str) -> Future[bytes]:
-    import asyncio
-
-    try:
-        fs = filesystem(url)
-    except StorageError as e:
-        f: Future[bytes] = Future()
-        f.set_exception(e)
-        return f
-    return asyncio.run_coroutine_threadsafe(fs._cat_file(url), fs.loop)
-
-
-def _result(url: str, future: Future[bytes] | None) -> Any:
-    if future is None:  # a local path: the loader opens it
-        return url
-    try:
-        return future.result()
-    except BackbonesError:
-        raise
-    except FileNotFoundError as e:
-        if _error_code(e) == "NoSuchBucket" or "bucket does not exist" in str(e):
-            raise StorageError(describe(e, url, "read")) from None
-        raise ImageError(f"no such object: {url}", kind="undecodable") from None
-    except (PermissionError, IsADirectoryError) as e:
-        raise ImageError(describe(e, url, "read"), kind="unreadable") from None
-    except store_errors() as e:
-        raise StorageError(describe(e, url, "read")) from None

@@ -9,7 +9,9 @@ botocore here, the CLI in subprocesses, decode workers and Ray workers.
         s3.fs.pipe_file("bucket/key", b"...")
 
 :func:`serve` is the same without pytest; ``serve(own_process=True)`` runs the server in a
-process of its own (benchmarks: its requests then do not take this process's GIL).
+process of its own (benchmarks: its requests then do not take this process's GIL), with moto's
+application routing every request to its S3 backend (moto otherwise looks the service up among
+all of its backends on every request, most of its CPU time per small GET).
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ class S3Server:
     endpoint: str
     env: dict[str, str] = field(default_factory=dict)
     fs: Any = None
+    process: subprocess.Popen[bytes] | None = None  # the server's, with own_process=True
 
     def bucket(self, name: str, *, versioned: bool = False) -> str:
         """Create bucket ``name`` (if new); returns ``s3://name``."""
@@ -72,8 +75,25 @@ class S3Server:
         return found
 
 
+# moto's standalone server (``python -m moto.server``) with the S3 backend for every request
+_S3_SERVER = """
+import sys
+from werkzeug.serving import run_simple
+from moto.server import DomainDispatcherApplication, MotoRequestHandler, create_backend_app
+
+class S3Only(DomainDispatcherApplication):
+    def get_application(self, environ):
+        with self.lock:
+            if "s3" not in self.app_instances:
+                self.app_instances["s3"] = self.create_app("s3")
+            return self.app_instances["s3"]
+
+run_simple("127.0.0.1", int(sys.argv[1]), S3Only(create_backend_app), threaded=True, request_handler=MotoRequestHandler)
+"""
+
+
 @contextlib.contextmanager
-def _moto(port: int, own_process: bool) -> Iterator[None]:
+def _moto(port: int, own_process: bool) -> Iterator[subprocess.Popen[bytes] | None]:
     if not own_process:
         from moto.server import ThreadedMotoServer
 
@@ -81,12 +101,14 @@ def _moto(port: int, own_process: bool) -> Iterator[None]:
         server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
         server.start()
         try:
-            yield
+            yield None
         finally:
             server.stop()
         return
-    cmd = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    env = {**os.environ, "MOTO_PORT": str(port)}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _S3_SERVER, str(port)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     try:
         deadline = time.monotonic() + 60
         while True:
@@ -95,7 +117,7 @@ def _moto(port: int, own_process: bool) -> Iterator[None]:
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError("the moto server did not start")
             time.sleep(0.1)
-        yield
+        yield proc
     finally:
         proc.terminate()
         proc.wait(timeout=30)
@@ -120,7 +142,7 @@ def serve(*, own_process: bool = False) -> Iterator[S3Server]:
         os.environ.pop(k, None)
     os.environ.update(env)
     try:
-        with _moto(port, own_process):
+        with _moto(port, own_process) as process:
             fs = s3fs.S3FileSystem(
                 key=ACCESS_KEY,
                 secret=SECRET_KEY,
@@ -128,7 +150,7 @@ def serve(*, own_process: bool = False) -> Iterator[S3Server]:
                 skip_instance_cache=True,
                 use_listings_cache=False,
             )
-            yield S3Server(endpoint, env, fs)
+            yield S3Server(endpoint, env, fs, process)
     finally:
         for k, v in saved.items():
             if v is None:

@@ -266,6 +266,43 @@ def test_kill_and_resume_from_s3_to_s3(
     _no_secrets(s3, out)
 
 
+def test_a_store_that_stops_answering_fails_the_job_in_one_line(
+    s3: S3Server, tiny_registry: Registry, tmp_path: Path
+) -> None:
+    """A store of its own, stopped while a job reads from it: the job stops with one line,
+    keeps its finished shards and is marked failed in its manifest."""
+    from .s3server import serve
+
+    with serve(own_process=True) as flaky:
+        assert flaky.process is not None
+        flaky.bucket("flaky")
+        data = jpeg_bytes(0, (1024, 768))
+        manifest = tmp_path / "m.csv"
+        manifest.write_text("path\n" + "".join(flaky.put(f"s3://flaky/p{i:03d}.jpg", data) + "\n" for i in range(300)))
+        out = tmp_path / "emb"
+        args = ["embed", "tiny_cnn", str(manifest), "--output", str(out), "--shard-size", "8", "--batch-size", "4"]
+        env = {**os.environ, "BENTOML_HOME": str(tiny_registry.home), "BENTOML_DO_NOT_TRACK": "true"}
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "cli", *args, "--workers", "1"],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        deadline = time.monotonic() + 120
+        while len(list(out.glob("part-*.parquet"))) < 2 and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.05)
+        flaky.process.terminate()
+        _, err = proc.communicate(timeout=120)
+    lines = err.strip().splitlines()
+    assert proc.returncode == 1 and len(lines) == 1 and "Traceback" not in err, err
+    assert lines[0].startswith("error: cannot read s3://flaky/p") and "are kept: run the same command again" in lines[0]
+    manifest_doc = json.loads((out / "_manifest.json").read_text())
+    assert manifest_doc["status"] == "failed" and manifest_doc["error"] in lines[0]
+    assert 2 <= manifest_doc["counts"]["shards_done"] == len(list(out.glob("part-*.parquet"))) < 38
+
+
 # -- the Ray engine ----------------------------------------------------------------------------------
 
 
