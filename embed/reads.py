@@ -1,10 +1,11 @@
 """Reading the images' bytes for the decoders (local engine workers, Ray actors), ahead of them.
 
 Objects are read with Arrow's S3 file system (the AWS C++ SDK, the file system Ray Data uses for
-``s3://``): a read costs about a third of the CPU of one through botocore and holds no Python
-lock while it waits, so reads overlap decoding in the same process. It takes credentials,
-``AWS_ENDPOINT_URL`` and the region from the same standard places as the rest of the job. Each
-process makes its own file system per bucket and its own reading threads.
+``s3://``): a read takes much less CPU than one through botocore and holds no Python lock while
+it waits, so reads overlap decoding in the same process. It asks for the object's size first
+(two requests per image). It takes credentials, ``AWS_ENDPOINT_URL`` and the region from the
+same standard places as the rest of the job. Each process makes its own file system per bucket
+and its own reading threads.
 """
 
 from __future__ import annotations
