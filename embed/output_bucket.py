@@ -1,7 +1,7 @@
 """A job's output folder as a prefix in an object store (``s3://bucket/prefix``): every file is
-one whole object written in one request (nothing to rename: a reader sees all of an object or
-none of it), and a lock object while a job writes (:mod:`embed.bucket_lock`). See
-:mod:`embed.job_output` for what is written in which order."""
+one whole object (nothing to rename: a reader sees all of an object or none of it; written with
+Arrow's S3 file system, see :mod:`embed.storage`), and a lock object while a job writes
+(:mod:`embed.bucket_lock`). See :mod:`embed.job_output` for what is written in which order."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import pyarrow as pa
 
 from .bucket_lock import bucket_lock
 from .output import LOCK, OutputError, write_parquet
-from .storage import check_url, describe, filesystem, reporting
+from .storage import arrow_error, arrow_fs, check_url, describe, filesystem, reporting
 
 
 class BucketFolder:
@@ -72,14 +72,17 @@ class BucketFolder:
             found = self.fs.cat(list(keys), on_error="omit")
         return {keys[k]: v for k, v in found.items() if k in keys}
 
-    def write(self, name: str, data: bytes) -> None:
-        with reporting(self.where(name), "write", OutputError):
-            self.fs.pipe_file(self._key(name), data)
+    def write(self, name: str, data: bytes | pa.Buffer) -> None:
+        try:
+            with arrow_fs(self.location).open_output_stream(self._key(name)) as f:
+                f.write(data)
+        except OSError as e:
+            raise OutputError(f"cannot write {self.where(name)}: {arrow_error(e)}") from None
 
     def write_table(self, name: str, table: pa.Table) -> None:
         sink = pa.BufferOutputStream()
         write_parquet(table, sink)
-        self.write(name, sink.getvalue().to_pybytes())
+        self.write(name, sink.getvalue())
 
     def remove(self, name: str) -> None:
         """Delete an object, or every object under ``prefix/name/``."""

@@ -1,11 +1,9 @@
 """Reading the images' bytes for the decoders (local engine workers, Ray actors), ahead of them.
 
-Objects are read with Arrow's S3 file system (the AWS C++ SDK, the file system Ray Data uses for
-``s3://``): a read takes much less CPU than one through botocore and holds no Python lock while
-it waits, so reads overlap decoding in the same process. It asks for the object's size first
-(two requests per image). It takes credentials, ``AWS_ENDPOINT_URL`` and the region from the
-same standard places as the rest of the job. Each process makes its own file system per bucket
-and its own reading threads.
+Objects are read with Arrow's S3 file system (:func:`embed.storage.arrow_fs`): a read takes much
+less CPU than one through botocore and holds no Python lock while it waits, so reads overlap
+decoding in the same process. It asks for the object's size first (two requests per image).
+Each process makes its own reading threads.
 """
 
 from __future__ import annotations
@@ -21,44 +19,20 @@ from typing import Any
 
 from models.errors import BackbonesError, ImageError
 
-from .storage import StorageError, bucket_of, is_url
+from .storage import StorageError, arrow_error, arrow_fs, is_url
 
 READ_AHEAD = 16  # objects read at once for one decoding thread or process, ahead of the one it decodes
 
 _lock = threading.Lock()
-_state: dict[str, Any] = {}  # this process's: "pid", "pool", and a file system per bucket
-
-
-def _process_state() -> dict[str, Any]:
-    if _state.get("pid") != os.getpid():  # a forked child makes its own
-        _state.clear()
-        _state["pid"] = os.getpid()
-    return _state
+_pools: dict[int, ThreadPoolExecutor] = {}  # this process's reading threads (a forked child makes its own)
 
 
 def _pool() -> ThreadPoolExecutor:
     with _lock:
-        state = _process_state()
-        if "pool" not in state:
-            state["pool"] = ThreadPoolExecutor(READ_AHEAD, thread_name_prefix="object-reads")
-        return state["pool"]  # type: ignore[no-any-return]
-
-
-def _bucket_fs(url: str) -> Any:
-    """Arrow's S3 file system for ``url``'s bucket (from the URI: it honours AWS_ENDPOINT_URL and
-    finds the bucket's region)."""
-    bucket = bucket_of(url)
-    with _lock:
-        state = _process_state()
-        fs = state.get(f"s3://{bucket}")
-        if fs is None:
-            import pyarrow.fs as pafs
-
-            try:
-                fs = state[f"s3://{bucket}"] = pafs.FileSystem.from_uri(f"s3://{bucket}")[0]
-            except (OSError, ValueError) as e:
-                raise StorageError(f"cannot read from s3://{bucket}: {_short(e)}") from None
-        return fs
+        pool = _pools.get(os.getpid())
+        if pool is None:
+            pool = _pools[os.getpid()] = ThreadPoolExecutor(READ_AHEAD, thread_name_prefix="object-reads")
+        return pool
 
 
 def warm_up(url: str | None) -> None:
@@ -66,7 +40,7 @@ def warm_up(url: str | None) -> None:
     starting rather than on its first images (failures are reported where the reads fail)."""
     if url is not None:
         with contextlib.suppress(BackbonesError):
-            _bucket_fs(url)
+            arrow_fs(url)
             _pool()
 
 
@@ -100,7 +74,7 @@ def _in_order(
 
 
 def _read(url: str) -> bytes:
-    with _bucket_fs(url).open_input_stream(url.split("://", 1)[1]) as f:
+    with arrow_fs(url).open_input_stream(url.split("://", 1)[1]) as f:
         return f.readall()  # type: ignore[no-any-return]
 
 
@@ -118,10 +92,4 @@ def _result(path: str, future: Future[bytes] | None) -> Any:
             raise ImageError(f"access denied: {path}", kind="unreadable") from None
         if "Not a regular file" in str(e):
             raise ImageError(f"not an object: {path}", kind="undecodable") from None
-        raise StorageError(f"cannot read {path}: {_short(e)}") from None
-
-
-def _short(e: BaseException) -> str:
-    """Arrow's message without the key and bucket it repeats."""
-    text = " ".join(str(e).split())
-    return text.split("': ", 1)[-1] if text.startswith("When ") else text
+        raise StorageError(f"cannot read {path}: {arrow_error(e)}") from None

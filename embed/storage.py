@@ -1,6 +1,9 @@
 """Where the batch job reads and writes: local paths, or objects in an S3-compatible store
-(``s3://bucket/key``). Listing, manifests and everything the job writes go through fsspec and
-s3fs (botocore); the images' bytes through Arrow's S3 file system (:mod:`embed.reads`).
+(``s3://bucket/key``). Listing, reading manifests and records, deleting and the job lock go
+through fsspec and s3fs (botocore); the images' bytes (:mod:`embed.reads`) and the objects a
+job writes through Arrow's S3 file system (the AWS C++ SDK, which Ray Data uses for ``s3://``
+too): it takes a fraction of botocore's CPU per request, holds no Python lock while it waits,
+and costs a process no botocore import, so Ray's write tasks start writing at once.
 
 Credentials and endpoints come the standard AWS way and are read by the AWS SDKs themselves: the
 AWS_* variables (``AWS_ENDPOINT_URL`` for MinIO and other S3-compatible stores, ``AWS_PROFILE``,
@@ -8,14 +11,16 @@ AWS_* variables (``AWS_ENDPOINT_URL`` for MinIO and other S3-compatible stores, 
 passes through backbones: a URL that carries credentials (``s3://KEY:SECRET@bucket``) is refused,
 and messages name the object and the endpoint, never a key.
 
-Each process (a decode worker, a Ray actor or write task) makes its own file system instance on
-first use; fsspec keeps one per process.
+Each process (a decode worker, a Ray actor or write task) makes its own file system instances on
+first use: fsspec keeps one per process, :func:`arrow_fs` one per bucket and process.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import re
+import threading
 from collections.abc import Iterator, Sequence
 from typing import IO, Any
 from urllib.parse import urlsplit
@@ -50,6 +55,33 @@ def check_url(url: str) -> str:
     if not parts.netloc:
         raise StorageError(f"{url!r} names no bucket: use {parts.scheme}://BUCKET/PREFIX")
     return url.rstrip("/") if parts.path.strip("/") else f"{parts.scheme}://{parts.netloc}"
+
+
+_arrow: dict[tuple[int, str], Any] = {}
+_arrow_lock = threading.Lock()
+
+
+def arrow_fs(url: str) -> Any:
+    """Arrow's S3 file system for ``url``'s bucket, made from the bucket's URI: that honours
+    ``AWS_ENDPOINT_URL`` and finds the bucket's region. Small objects are written with one
+    PutObject (no multipart upload left behind by a killed job)."""
+    key = (os.getpid(), bucket_of(url))
+    with _arrow_lock:
+        fs = _arrow.get(key)
+        if fs is None:
+            import pyarrow.fs as pafs
+
+            try:
+                fs = _arrow[key] = pafs.FileSystem.from_uri(f"s3://{key[1]}?allow_delayed_open=true")[0]
+            except (OSError, ValueError) as e:
+                raise StorageError(f"cannot reach s3://{key[1]}: {arrow_error(e)}") from None
+        return fs
+
+
+def arrow_error(e: BaseException) -> str:
+    """Arrow's message, on one line, without the key and bucket it repeats."""
+    text = " ".join(str(e).split())
+    return text.split("': ", 1)[-1] if text.startswith("When ") else text
 
 
 def _has_credentials(url: str) -> bool:
