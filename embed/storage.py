@@ -43,15 +43,15 @@ def is_url(location: str) -> bool:
 
 def check_url(url: str) -> str:
     """``url`` without a trailing slash, once its scheme is known and it names a bucket."""
-    parts = urlsplit(url)
-    if parts.scheme.lower() not in SCHEMES:
-        known = ", ".join(f"{s}://" for s in SCHEMES)
-        raise StorageError(f"unknown scheme {parts.scheme + '://'!r} in {url!r}: use a local path or {known}")
-    if _has_credentials(url):
+    if _has_credentials(url):  # first: no message may echo such a URL
         raise StorageError(
             "credentials in a URL are refused (they would land in logs and manifests): set the AWS "
             "variables or AWS_PROFILE, or use an instance or workload identity"
         )
+    parts = urlsplit(url)
+    if parts.scheme.lower() not in SCHEMES:
+        known = ", ".join(f"{s}://" for s in SCHEMES)
+        raise StorageError(f"unknown scheme {parts.scheme + '://'!r} in {url!r}: use a local path or {known}")
     if not parts.netloc:
         raise StorageError(f"{url!r} names no bucket: use {parts.scheme}://BUCKET/PREFIX")
     return url.rstrip("/") if parts.path.strip("/") else f"{parts.scheme}://{parts.netloc}"

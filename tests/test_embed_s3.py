@@ -395,6 +395,7 @@ def test_bad_urls_and_settings_are_one_clear_line(
         ),
         ([url, "--output", "ftp://host/x"], {}, "unknown scheme 'ftp://'"),
         ([f"s3://{':'.join(_secrets(s3))}@embed-in/photos", "--output", out], {}, "credentials in a URL are refused"),
+        ([url, "--output", f"gs://{':'.join(_secrets(s3))}@b/x"], {}, "credentials in a URL are refused"),
         ([url, "--output", out], no_credentials, "no AWS credentials found"),
         (
             [url, "--output", out],
