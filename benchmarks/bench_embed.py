@@ -7,6 +7,10 @@
 2. The local engine (``backbones embed``: decode worker processes, ORT in the main process,
    Parquet shards), with its default workers and threads.
 3. The Ray engine on this one machine (a local Ray with every core).
+4. Both engines again from object storage to object storage: the same photos as objects, the
+   manifest listing their ``s3://`` URLs, the shards written as objects, on moto's S3 server
+   started by this script on a local port (a process of its own; it shares the cores with the
+   job, which a real store would not). Printed with the ratio of each to its disk-to-disk rate.
 
 Each engine's rate counts from its first image to its last shard written; start-up (decode
 workers, sessions, Ray actors) is reported apart. Each round measures the ceiling and both
@@ -14,7 +18,7 @@ engines one after the other; an engine's ratio is taken against the ceiling of i
 the medians over rounds are printed. The photos of ``imagenet-sample`` are repeated ``--repeat``
 times. This machine may be shared: the share of the cores the benchmark got is printed too.
 
-    uv run python benchmarks/bench_embed.py [--data DIR] [--repeat 10] [--rounds 2] [--json]
+    uv run python benchmarks/bench_embed.py [--data DIR] [--repeat 10] [--rounds 2] [--no-s3] [--json]
 
 Model: efficientnet_lite0 (bundled weights), exported into a temporary BENTOML_HOME (or
 ``--registry DIR`` to reuse one). Heavy imports stay inside functions: the decode workers are
@@ -24,6 +28,7 @@ spawned processes that import this module again.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import platform
 import shutil
@@ -31,17 +36,19 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # tests.s3server: the S3 server the tests use
 DEFAULT_DATA = REPO.parent / "shared" / "data"
 SAMPLE_DIR = "imagenet-sample"
 MODEL = "efficientnet_lite0"
 SHARD_SIZE = 100  # ten shards per 1000 images: several actors (Ray) or shard writes (local) in play
+S3_SUFFIX = " s3->s3"  # the engines' rows from object storage to object storage
 
 
 def cpu_model() -> str:
@@ -160,12 +167,17 @@ def bench_ceiling(paths: Sequence[str], model_file: Path, loader: Any, batch: in
 # -- 2. and 3. the engines ---------------------------------------------------------------------------
 
 
-def bench_engine(engine: str, manifest: Path, registry: Any, out: Path, batch: int) -> dict[str, Any]:
-    """One ``run_embed``; its rate counts from the first image (local: decode workers started and
-    session loaded; Ray: the first actor ready) to the last shard written."""
+def bench_engine(engine: str, manifest: str, registry: Any, out: str, batch: int, fs: Any = None) -> dict[str, Any]:
+    """One ``run_embed`` into ``out`` (a folder, or an ``s3://`` prefix on ``fs``); its rate counts
+    from the first image (local: decode workers started and session loaded; Ray: the first actor
+    ready) to the last shard written."""
     from embed import run_embed
 
-    shutil.rmtree(out, ignore_errors=True)
+    if fs is not None:
+        if fs.exists(out):
+            fs.rm(out, recursive=True)
+    else:
+        shutil.rmtree(out, ignore_errors=True)
     summary = run_embed(
         MODEL,
         [str(manifest)],
@@ -206,6 +218,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=EmbedConfig().batch_size, help="images per ONNX Runtime call")
     p.add_argument("--registry", type=Path, help="a BENTOML_HOME that already holds efficientnet_lite0")
     p.add_argument("--no-ray", action="store_true", help="skip the Ray engine")
+    p.add_argument("--no-s3", action="store_true", help="skip the S3-to-S3 runs")
     p.add_argument("--json", action="store_true", help="print the results as JSON only")
     return p.parse_args(argv)
 
@@ -229,6 +242,9 @@ def summarize(rounds: list[dict[str, Any]]) -> dict[str, Any]:
         row["ratio"] = _median([x["job"] / b for x, b in zip(runs, best, strict=True)])
         row["workers"], row["threads"], row["runners"] = runs[0]["workers"], runs[0]["threads"], runs[0]["runners"]
         row["cpu_share"] = _median([r["cpu_share"].get(engine) for r in rounds])
+        disk = engine.removesuffix(S3_SUFFIX)
+        if disk != engine and disk in rounds[0]["engines"]:
+            row["vs_disk"] = _median([r["engines"][engine]["job"] / r["engines"][disk]["job"] for r in rounds])
         out["engines"][engine] = row
     out["ceiling_cpu_share"] = _median([r["cpu_share"]["ceiling"] for r in rounds])
     return out
@@ -258,22 +274,47 @@ def print_table(r: dict[str, Any]) -> None:
         f"{_fmt(ct['images_per_s']):>7}\n"
     )
     print(
-        f"{'engine (writes Parquet)':36} {'img/s':>7} {'ratio':>6} {'start-up s':>10}  time split (summed over workers)"
+        f"{'engine (writes Parquet)':43} {'img/s':>7} {'ratio':>6} {'s3/disk':>7} {'start-up s':>10}  "
+        "time split (summed over workers)"
     )
     for name, e in s["engines"].items():
-        unit = "decode worker" if name == "local" else "actor"
+        local = name.startswith("local")
+        unit = "decode worker" if local else "actor"
         ort = f"{e['runners']}x{e['threads']}" if e.get("runners", 1) > 1 else str(e["threads"])
         label = f"{name} ({e['workers']} {unit}(s), {ort} ORT thr)"
         split = f"decode {e['decode_s']:.1f} s, ORT {e['infer_s']:.1f} s"
-        if name == "local":
+        if local:
             split += f", ORT waiting for decode {e['wait_s']:.1f} s"
-        print(f"{label:36} {_fmt(e['job'])} {_fmt(e['ratio'], '6.2f')} {_fmt(e['startup_s'], '10.1f')}  {split}")
+        vs_disk = _fmt(e.get("vs_disk"), "7.2f") if "vs_disk" in e else f"{'':7}"
+        print(
+            f"{label:43} {_fmt(e['job'])} {_fmt(e['ratio'], '6.2f')} {vs_disk} {_fmt(e['startup_s'], '10.1f')}  {split}"
+        )
     shares = [f"ceiling {s['ceiling_cpu_share']:.0%}"] + [
         f"{k} {v['cpu_share']:.0%}" for k, v in s["engines"].items() if v["cpu_share"] is not None
     ]
     print(
         f"\nshare of the {m['cores']} cores this benchmark got (the rest went to other processes): {', '.join(shares)}"
     )
+
+
+S3_OUT = "s3://bench-out"
+
+
+@contextlib.contextmanager
+def _s3_inputs(photos: Sequence[str], repeat: int) -> Iterator[tuple[str, Any]]:
+    """A local S3 server holding the photos and a manifest of their URLs repeated ``repeat``
+    times (as the disk manifest repeats their paths); yields the manifest's URL and a file system."""
+    from tests.s3server import serve
+
+    with serve(own_process=True) as s3:
+        s3.bucket("bench-in")
+        s3.bucket(S3_OUT.removeprefix("s3://"))
+        urls = [s3.put(f"s3://bench-in/photos/{Path(p).name}", Path(p).read_bytes()) for p in photos]
+        rows = [u for _ in range(repeat) for u in urls]
+        manifest = s3.put(
+            "s3://bench-in/inputs.csv", ("id,path\n" + "".join(f"{i},{u}\n" for i, u in enumerate(rows))).encode()
+        )
+        yield manifest, s3.fs
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -313,7 +354,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "model": MODEL,
     }
     ray_mod = None
-    with tempfile.TemporaryDirectory(prefix="bench-embed-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="bench-embed-") as tmp, contextlib.ExitStack() as stack:
         tmpdir = Path(tmp)
         registry = Registry(args.registry or tmpdir / "registry")
         if not registry.versions(MODEL):
@@ -328,7 +369,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         for p in photos:  # the page cache holds the files for every part alike
             Path(p).read_bytes()
         results["core_time_model"] = core_time_model(paths, model_file, loader, args.batch_size, cores)
-        if not args.no_ray:
+        s3 = None if args.no_s3 else stack.enter_context(_s3_inputs(photos, args.repeat))  # before Ray: its workers
+        if not args.no_ray:  # inherit the AWS variables
             import ray
 
             from embed.ray_engine import init_local_ray
@@ -340,18 +382,25 @@ def main(argv: Sequence[str] | None = None) -> int:
             rounds = []
             for i in range(args.rounds):
                 print(
-                    f"round {i + 1}/{args.rounds}: ceiling, local engine{', ray engine' if ray_mod else ''}",
+                    f"round {i + 1}/{args.rounds}: ceiling, local engine{', ray engine' if ray_mod else ''}"
+                    f"{', each also from S3 to S3' if s3 else ''}",
                     file=sys.stderr,
                 )
                 rnd: dict[str, Any] = {"cpu_share": {}, "engines": {}}
                 share = CpuShare(cores)
                 rnd["ceiling"] = bench_ceiling(paths, model_file, loader, args.batch_size, cores)
                 rnd["cpu_share"]["ceiling"] = share.share()
-                share = CpuShare(cores)
-                rnd["engines"]["local"] = bench_engine("local", manifest, registry, tmpdir / "local", args.batch_size)
-                rnd["cpu_share"]["local"] = share.share()
-                if ray_mod is not None:
-                    rnd["engines"]["ray"] = bench_engine("ray", manifest, registry, tmpdir / "ray", args.batch_size)
+                for engine in ["local"] + (["ray"] if ray_mod is not None else []):
+                    share = CpuShare(cores)
+                    rnd["engines"][engine] = bench_engine(
+                        engine, str(manifest), registry, str(tmpdir / engine), args.batch_size
+                    )
+                    if engine == "local":
+                        rnd["cpu_share"]["local"] = share.share()
+                    if s3 is not None:
+                        rnd["engines"][engine + S3_SUFFIX] = bench_engine(
+                            engine, s3[0], registry, f"{S3_OUT}/{engine}", args.batch_size, s3[1]
+                        )
                 rounds.append(rnd)
         finally:
             if ray_mod is not None:

@@ -50,8 +50,9 @@ def _click_type(annotation: Any, bounds: dict[str, Any]) -> click.ParamType | No
     "-o",
     "--output",
     required=True,
-    type=click.Path(file_okay=False, path_type=Path),
-    help="Folder for part-*.parquet, _manifest.json and _errors.jsonl (created if missing).",
+    metavar="DIR|URL",
+    help="Folder (created if missing) or an object-store prefix URL, for part-*.parquet, _manifest.json and "
+    "_errors.jsonl.",
 )
 @config_option("batch_size")
 @config_option("workers")
@@ -68,13 +69,15 @@ def _click_type(annotation: Any, bounds: dict[str, Any]) -> click.ParamType | No
 @config_option("progress", "--progress/--no-progress")
 @click.option("--json", "as_json", is_flag=True, help="Print only the final summary, as JSON.")
 @handle_errors
-def embed_cmd(ref: str, inputs: tuple[str, ...], output: Path, as_json: bool, **options: Any) -> None:
+def embed_cmd(ref: str, inputs: tuple[str, ...], output: str, as_json: bool, **options: Any) -> None:
     """Embed images with model REF into Parquet shards under --output.
 
     INPUT: image files, folders (searched recursively), globs ('shots/**/*.jpg', quoted) and
     manifests (.csv, .parquet, .jsonl) with a 'path' column and an optional 'id' column;
-    relative manifest paths are relative to the manifest. Order is deterministic; the id of an
-    image is the manifest's id, else its path.
+    relative manifest paths are relative to the manifest. Each may be in an object store
+    (s3://bucket/prefix, listed recursively), and manifest paths may be s3:// URLs; credentials
+    and endpoints come from the AWS variables and profiles (AWS_ENDPOINT_URL for MinIO).
+    Order is deterministic; the id of an image is the manifest's id, else its path.
 
     Each part-NNNNN.parquet holds id, path, embedding (float32 x the model's feature size) and,
     with --top-k, predictions. Unreadable images go to _errors.jsonl and do not stop the job.
@@ -97,7 +100,8 @@ def embed_cmd(ref: str, inputs: tuple[str, ...], output: Path, as_json: bool, **
         f"{s.shards} shard(s), {s.shards_computed} computed now, {s.shards_skipped} already done"
     )
     if s.errors:
-        click.echo(f"{s.errors} image(s) could not be read: see {Path(s.output) / '_errors.jsonl'}")
+        where = f"{s.output}/_errors.jsonl" if "://" in s.output else Path(s.output) / "_errors.jsonl"
+        click.echo(f"{s.errors} image(s) could not be read: see {where}")
     if s.images_computed and s.engine == "ray":
         click.echo(
             f"{s.images_computed} images in {st.run_s:.1f} s ({s.images_per_s:.0f} img/s; {s.seconds:.1f} s in all, "

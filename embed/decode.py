@@ -1,8 +1,10 @@
 """Decoding for the batch job, run in worker processes (local engine) or Ray tasks.
 
 Each worker builds the model's :class:`models.preprocess.ImageLoader` once (the same eval
-transform the service uses) and turns a chunk of paths into one float32 batch. This module
-imports no ONNX Runtime and no Arrow, so that worker processes start quickly.
+transform the service uses) and turns a chunk of paths into one float32 batch. A path may be an
+object's URL: the worker reads its bytes itself (:func:`embed.reads.read_ahead`, with its own
+file system instance). This module imports no ONNX Runtime, and no Arrow unless the inputs are
+objects, so that worker processes start quickly.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from multiprocessing import shared_memory
 from typing import Any
@@ -20,6 +22,9 @@ import numpy as np
 from models.errors import ImageError
 from models.preprocess import ImageLoader
 from models.spec import Preprocess
+
+from .reads import read_ahead, warm_up
+from .storage import StorageError
 
 
 @dataclass(frozen=True)
@@ -52,11 +57,18 @@ class Decoded:
     seconds: float
 
 
-def decode_chunk(loader: ImageLoader, paths: Sequence[str], out: np.ndarray | None = None) -> Decoded:
-    """Decode and preprocess ``paths``; an unreadable image is recorded, never raised.
+def decode_chunk(
+    loader: ImageLoader,
+    paths: Sequence[str],
+    out: np.ndarray | None = None,
+    sources: Iterator[Callable[[], Any]] | None = None,
+) -> Decoded:
+    """Decode and preprocess ``paths``; an unreadable image is recorded, never raised (an object
+    store that fails as a whole raises :class:`embed.storage.StorageError`).
 
     ``out``: an array of at least ``len(paths)`` images to decode into (the readable ones go
-    first, in order); ``pixels`` is then a view of it.
+    first, in order); ``pixels`` is then a view of it. ``sources``: ``read_ahead(paths)`` begun
+    by the caller (so that its reads started earlier).
     """
     t0 = time.perf_counter()
     crop = loader.preprocess.crop
@@ -65,11 +77,13 @@ def decode_chunk(loader: ImageLoader, paths: Sequence[str], out: np.ndarray | No
     ok = np.zeros(len(paths), dtype=bool)
     errors: dict[int, tuple[str, str]] = {}
     n = 0
-    for i, path in enumerate(paths):
+    for i, source in enumerate(read_ahead(paths) if sources is None else sources):
         try:
-            out[n] = loader(path)
+            out[n] = loader(source())
             ok[i] = True
             n += 1
+        except StorageError:
+            raise
         except ImageError as e:
             errors[i] = (e.kind, str(e))
         except Exception as e:  # one odd file must not stop a job over millions
@@ -82,14 +96,16 @@ def decode_chunk(loader: ImageLoader, paths: Sequence[str], out: np.ndarray | No
 _loader: ImageLoader | None = None
 
 
-def init_worker(config: LoaderConfig, ready: Any = None) -> None:
-    """Build this worker's loader; release ``ready`` (a semaphore) once it can decode.
+def init_worker(config: LoaderConfig, ready: Any = None, store: str | None = None) -> None:
+    """Build this worker's loader (and its file system for the object URL ``store``, if the
+    inputs are objects); release ``ready`` (a semaphore) once it can decode.
 
     A worker whose job was killed (SIGKILL, out of memory) would wait for tasks forever: the
     pool's queues stay open in every worker. A watchdog thread ends it once its parent is gone.
     """
     global _loader
     _loader = config.build()
+    warm_up(store)
     parent = os.getppid()
     threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True, name="parent-watchdog").start()
     if ready is not None:
@@ -119,11 +135,14 @@ class SharedBatch:
 _segments: dict[str, shared_memory.SharedMemory] = {}
 
 
-def decode_in_worker(paths: Sequence[str], target: SharedBatch) -> Decoded:
-    """Decode ``paths`` into ``target``; the returned ``pixels`` is empty (the main process reads
-    ``ok.sum()`` images from the shared batch)."""
+def decode_in_worker(paths: Sequence[str], target: SharedBatch | None) -> Decoded:
+    """Decode ``paths`` into ``target``; the returned ``pixels`` is then empty (the main process
+    reads ``ok.sum()`` images from the shared batch). Without a target the pixels travel back
+    through the pool's pipe (pickled)."""
     if _loader is None:
         raise RuntimeError("decode worker used before init_worker")
+    if target is None:
+        return decode_chunk(_loader, paths)
     shm = _segments.get(target.name)
     if shm is None:
         shm = _segments[target.name] = shared_memory.SharedMemory(name=target.name)

@@ -2,7 +2,9 @@
 
 Worker processes decode chunks of paths into one shared-memory segment of batch-sized buffers,
 with enough chunks in flight to keep every worker busy while the main process infers one batch.
-With no workers, the main process decodes each chunk when it is asked for.
+With no workers, the main process decodes each chunk when it is asked for. Where /dev/shm is too
+small for those buffers (a container's default is 64 MiB), fewer chunks are kept in flight, or
+the decoded pixels come back through the pool's pipes.
 """
 
 from __future__ import annotations
@@ -32,6 +34,10 @@ log = logging.getLogger(__name__)
 
 WORKER_START_TIMEOUT_S = 120
 SEGMENT_PREFIX = "backbones-embed-"  # shared-memory decode buffers: backbones-embed-<pid>-<random>
+SHM_DIR = Path("/dev/shm")
+# The most of /dev/shm's free space one job's buffers take: a worker writing into a segment that
+# no longer fits gets SIGBUS, and other jobs and libraries use /dev/shm too.
+SHM_MAX_SHARE = 0.8
 
 
 class DecodeWorkerError(BackbonesError):
@@ -41,25 +47,39 @@ class DecodeWorkerError(BackbonesError):
 class DecodePool:
     """``workers`` decode processes (0: decode in this process) for chunks of at most
     ``batch_size`` paths. Use as a context manager: leaving it stops the workers and frees the
-    segment. ``wait_s`` sums the time the caller waited for decoded chunks."""
+    segment. ``wait_s`` sums the time the caller waited for decoded chunks.
 
-    def __init__(self, config: LoaderConfig, workers: int, batch_size: int) -> None:
+    ``shm_free``: the bytes free in /dev/shm (None: measured with ``os.statvfs``); see
+    :func:`transfer_plan` for what is done when the buffers would not fit. ``store``: an object
+    URL the inputs are read from (the workers make their file system while they start).
+    """
+
+    def __init__(
+        self,
+        config: LoaderConfig,
+        workers: int,
+        batch_size: int,
+        *,
+        shm_free: int | None = None,
+        store: str | None = None,
+    ) -> None:
         self.workers = workers
         self.wait_s = 0.0
         self._config = config
         self._pool: ProcessPoolExecutor | None = None
         self._shm: shared_memory.SharedMemory | None = None
-        # enough decoded chunks in flight to keep every worker busy while one batch is inferred,
-        # and a buffer for each of them plus the one being inferred
-        self.in_flight = 2 * workers + 1 if workers else 1
         crop = int(config.preprocess["crop"])
+        batch_bytes = batch_size * 3 * crop * crop * 4
+        self.in_flight, self.shared = transfer_plan(
+            workers, batch_bytes, shm_free_bytes() if shm_free is None else shm_free
+        )
         self._shape = (self.in_flight + 1, batch_size, 3, crop, crop)
         if workers > 0:
             # spawn: workers start clean (no ONNX Runtime threads or locks inherited from this process)
             ctx = mp.get_context("spawn")
             self._ready = ctx.Semaphore(0)
             self._pool = ProcessPoolExecutor(
-                workers, mp_context=ctx, initializer=init_worker, initargs=(config, self._ready)
+                workers, mp_context=ctx, initializer=init_worker, initargs=(config, self._ready, store)
             )
             for _ in range(workers):  # the pool starts a process per task while none is idle
                 self._pool.submit(int)
@@ -87,8 +107,8 @@ class DecodePool:
                 self.wait_s += time.perf_counter() - t0
                 yield decoded
             return
-        pool, (name, buffers) = self._pool, self._open_segment()
-        free = deque(range(len(buffers)))
+        pool, (name, buffers) = self._pool, self._open_segment() if self.shared else ("", None)
+        free = deque(range(self.in_flight + 1))
         todo = iter(spans)
         window: deque[tuple[tuple[int, int], Future[Decoded], int]] = deque()
 
@@ -96,7 +116,7 @@ class DecodePool:
             span = next(todo, None)
             if span is not None:
                 index = free.popleft()
-                target = SharedBatch(name, index, self._shape)
+                target = SharedBatch(name, index, self._shape) if buffers is not None else None
                 window.append((span, pool.submit(decode_in_worker, paths[span[0] : span[1]], target), index))
 
         for _ in range(self.in_flight):
@@ -112,7 +132,8 @@ class DecodePool:
                     "or crashed on a file)"
                 ) from None
             self.wait_s += time.perf_counter() - t0
-            decoded.pixels = buffers[index][: int(decoded.ok.sum())]
+            if buffers is not None:
+                decoded.pixels = buffers[index][: int(decoded.ok.sum())]
             submit()
             yield decoded
             free.append(index)  # ONNX Runtime is done with it
@@ -139,13 +160,54 @@ class DecodePool:
             self._shm = None
 
 
+def shm_free_bytes() -> int | None:
+    """Bytes free in /dev/shm; None where there is none (shared memory lives elsewhere)."""
+    try:
+        st = os.statvfs(SHM_DIR)
+    except OSError:
+        return None
+    return st.f_bavail * st.f_frsize
+
+
+def transfer_plan(workers: int, batch_bytes: int, shm_free: int | None) -> tuple[int, bool]:
+    """Chunks to keep in flight and whether decoded chunks cross in shared memory.
+
+    Ideally ``2 * workers + 1`` chunks (every worker busy while one batch is inferred), each with
+    a buffer, plus the one being inferred. When those buffers would take more than
+    :data:`SHM_MAX_SHARE` of ``shm_free`` (None: unknown, assumed enough), fewer chunks are kept
+    in flight, down to one per worker; below that the pixels travel through pipes. Either
+    fallback is logged.
+    """
+    in_flight = 2 * workers + 1 if workers else 1
+    if not workers or shm_free is None or (in_flight + 1) * batch_bytes <= SHM_MAX_SHARE * shm_free:
+        return in_flight, True
+    buffers = int(SHM_MAX_SHARE * shm_free // batch_bytes)
+    mib = f"{shm_free / 2**20:.0f} MiB"
+    if buffers - 1 >= workers:
+        log.warning(
+            "/dev/shm has %s free: %d decoded batches in flight instead of %d (a larger /dev/shm is faster)",
+            mib,
+            buffers - 1,
+            in_flight,
+        )
+        return buffers - 1, True
+    log.warning(
+        "/dev/shm has %s free, too little for the decode buffers (%d x %.0f MiB): decoded images go "
+        "through pipes instead, which is slower. Give the job a larger /dev/shm (docker run --shm-size, "
+        "a memory-backed emptyDir on Kubernetes)",
+        mib,
+        workers + 1,
+        batch_bytes / 2**20,
+    )
+    return in_flight, False
+
+
 def _remove_stale_segments() -> None:
     """Unlink decode buffers of jobs killed with all their processes at once (Linux: /dev/shm);
     otherwise Python's resource tracker unlinks them when a job dies."""
-    shm_dir = Path("/dev/shm")
-    if not shm_dir.is_dir():
+    if not SHM_DIR.is_dir():
         return
-    for f in shm_dir.glob(f"{SEGMENT_PREFIX}*"):
+    for f in SHM_DIR.glob(f"{SEGMENT_PREFIX}*"):
         pid = f.name[len(SEGMENT_PREFIX) :].split("-", 1)[0]
         if pid.isdigit() and not pid_alive(int(pid)):
             with contextlib.suppress(OSError):

@@ -30,6 +30,7 @@ from . import output as out_
 from .config import EmbedConfig
 from .decode import LoaderConfig
 from .inputs import Item
+from .job_output import JobOutput, open_output
 
 
 @dataclass(frozen=True)
@@ -99,14 +100,14 @@ class EmbedSummary:
 
 
 class EmbedJob:
-    """A planned job: the model version, the inputs, the shard plan, the output folder and the
-    options (``config``) the engines run it with."""
+    """A planned job: the model version, the inputs, the shard plan, the output (a local folder
+    or an object-store prefix) and the options (``config``) the engines run it with."""
 
     def __init__(
         self,
         stored: StoredVersion,
         items: Sequence[Item],
-        output: Path,
+        output: JobOutput | Path | str,
         config: EmbedConfig | None = None,
         *,
         loader_config: LoaderConfig | None = None,
@@ -114,7 +115,7 @@ class EmbedJob:
         self.stored = stored
         self.spec = stored.spec
         self.items = list(items)
-        self.output = Path(output)
+        self.output = output if isinstance(output, JobOutput) else open_output(output)
         self.config = config or EmbedConfig()
         self.shards = plan_shards(len(self.items), self.config.shard_size)
         self.spec_sha256 = sha256_file(stored.file(SPEC_FILENAME))

@@ -22,8 +22,9 @@ from models.runtime import ConcurrentRunner, on_gpu
 
 from . import output as out_
 from .decode import Decoded
-from .decode_pool import DecodePool, DecodeWorkerError
+from .decode_pool import DecodePool
 from .job import EmbedJob, EngineStats, Shard
+from .storage import first_url
 
 
 @dataclass
@@ -70,7 +71,8 @@ def run_local(
     if not todo:
         return [], stats
     t_start = time.perf_counter()
-    with DecodePool(job.loader_config, layout.workers, job.config.batch_size) as decoder:
+    store = first_url([it.path for it in job.items])
+    with DecodePool(job.loader_config, layout.workers, job.config.batch_size, store=store) as decoder:
         model = InferenceModel(job.stored, threads=layout.threads)  # while the workers start
         runner = ConcurrentRunner(model.run, layout.runners)
         try:
@@ -103,24 +105,19 @@ def _embed_shards(
     records: list[out_.ShardRecord] = []
     buf: _ShardBuffer | None = None
     failed = 0
-    try:
-        for chunk, decoded in zip(chunks, decoder.decoded(paths, [(c.start, c.stop) for c in chunks]), strict=True):
-            if buf is None or buf.shard is not chunk.shard:
-                buf = _ShardBuffer(chunk.shard)
-            buf.decode_s += decoded.seconds
-            _infer_into(job, runner, chunk, decoded, buf)
-            failed += len(decoded.errors)
-            stats.images += chunk.stop - chunk.start
-            if progress is not None:
-                progress.update(chunk.stop - chunk.start)
-                if decoded.errors:
-                    progress.set_postfix(failed=failed)
-            if chunk.stop == chunk.shard.stop:
-                records.append(_write_buffer(job, buf, stats))
-    except DecodeWorkerError as e:
-        raise DecodeWorkerError(
-            f"{e}; the {len(records)} shard(s) finished in this run are kept: run the same command again to resume"
-        ) from None
+    for chunk, decoded in zip(chunks, decoder.decoded(paths, [(c.start, c.stop) for c in chunks]), strict=True):
+        if buf is None or buf.shard is not chunk.shard:
+            buf = _ShardBuffer(chunk.shard)
+        buf.decode_s += decoded.seconds
+        _infer_into(job, runner, chunk, decoded, buf)
+        failed += len(decoded.errors)
+        stats.images += chunk.stop - chunk.start
+        if progress is not None:
+            progress.update(chunk.stop - chunk.start)
+            if decoded.errors:
+                progress.set_postfix(failed=failed)
+        if chunk.stop == chunk.shard.stop:
+            records.append(_write_buffer(job, buf, stats))
     return records
 
 
@@ -150,7 +147,7 @@ def _write_buffer(job: EmbedJob, buf: _ShardBuffer, stats: EngineStats) -> out_.
     table = job.table(buf.ids, buf.paths, features, logits if job.config.top_k else None)
     shard = buf.shard
     record = out_.ShardRecord(shard.index, shard.start, shard.stop, len(buf.ids), buf.errors, buf.decode_s, buf.infer_s)
-    out_.write_shard(job.output, record, table)
+    job.output.write_shard(record, table)
     stats.write_s += time.perf_counter() - t0
     stats.decode_s += buf.decode_s
     stats.infer_s += buf.infer_s

@@ -1,4 +1,5 @@
-"""The output folder of a batch embedding job: Parquet shards, their records, the job manifest.
+"""What a batch embedding job writes: the Parquet schema and tables, the shard records and the
+names in the output folder (a local folder or an object-store prefix, see :mod:`embed.job_output`).
 
 Layout (readers such as Arrow, pandas, Spark and DuckDB skip names starting with ``_`` or ``.``,
 the Hadoop convention of ``_SUCCESS`` and ``_metadata``, so the folder reads as one dataset)::
@@ -7,23 +8,20 @@ the Hadoop convention of ``_SUCCESS`` and ``_metadata``, so the folder reads as 
     _manifest.json           model, spec checksum, preprocessing, dim, plan fingerprint, counts, versions
     _errors.jsonl            unreadable inputs: id, path, error, kind (merged from the shard records)
     _shards/part-00000.json  one record per finished shard: its rows, errors and timings
-    _lock                    held (flock) while a job writes here
+    _lock                    held while a job writes here (a flock; on a bucket, a lock object)
     _fragments/              (Ray engine, rarely) pieces of a shard, joined when the run ends
 
-A shard is finished when both its Parquet file and its record exist. Both are written to a
-temporary name and renamed into place, the record first, so that a job killed at any moment
-leaves whole shards or none.
+A shard is finished when both its Parquet file and its record exist; a re-run trusts no other.
+Each is written whole (a local file under a temporary name renamed into place, an object in one
+request), the record first: a Parquet file that readers can see is always a finished shard, and a
+job killed at any moment leaves whole shards or none.
 """
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import json
-import shutil
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -31,7 +29,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from models.errors import BackbonesError
-from models.files import replacing, write_atomic
 from models.inference import softmax
 
 MANIFEST = "_manifest.json"
@@ -48,6 +45,21 @@ class OutputError(BackbonesError):
 
 def shard_name(index: int) -> str:
     return f"part-{index:05d}.parquet"
+
+
+def record_name(index: int) -> str:
+    """Where the record of shard ``index`` is kept (relative to the output folder)."""
+    return f"{SHARD_RECORDS}/part-{index:05d}.json"
+
+
+def is_job_file(name: str) -> bool:
+    """Whether a top-level name in the output folder is one a job writes (``--overwrite`` deletes
+    those and nothing else)."""
+    return (
+        (name.startswith("part-") and name.endswith(".parquet"))
+        or name in (MANIFEST, ERRORS, SHARD_RECORDS, FRAGMENTS, LOCK)
+        or (name.startswith(".") and name.endswith(".tmp"))
+    )
 
 
 def prediction_type() -> pa.DataType:
@@ -140,106 +152,6 @@ class ShardRecord:
         return json.dumps(self.__dict__, indent=1).encode()
 
 
-def write_shard(out: Path, record: ShardRecord, table: pa.Table) -> None:
-    """Write one finished shard: its record, then its Parquet file, each atomically."""
-    records = out / SHARD_RECORDS
-    records.mkdir(exist_ok=True)
-    write_atomic(records / f"{shard_name(record.shard)[: -len('.parquet')]}.json", record.to_json())
-    with replacing(out / shard_name(record.shard)) as tmp:
-        pq.write_table(table, tmp, row_group_size=max(1, table.num_rows))
-
-
-def read_record(out: Path, shard: int) -> ShardRecord | None:
-    """The record of a finished shard, or ``None`` when the shard still has to be computed."""
-    rec = out / SHARD_RECORDS / f"{shard_name(shard)[: -len('.parquet')]}.json"
-    if not (out / shard_name(shard)).is_file() or not rec.is_file():
-        return None
-    try:
-        return ShardRecord(**json.loads(rec.read_text()))
-    except (OSError, ValueError, TypeError):
-        return None  # a damaged record: the shard is computed again
-
-
-def _ours(p: Path) -> bool:
-    name = p.name
-    return (
-        (name.startswith("part-") and name.endswith(".parquet"))
-        or name in (MANIFEST, ERRORS, SHARD_RECORDS, FRAGMENTS, LOCK)
-        or (name.startswith(".") and name.endswith(".tmp"))
-    )
-
-
-def remove_job_files(out: Path) -> None:
-    """Delete what a job writes (and nothing else a user may keep in the folder)."""
-    for p in out.iterdir():
-        if not _ours(p) or p.name == LOCK:
-            continue
-        if p.is_dir():
-            shutil.rmtree(p)
-        else:
-            p.unlink()
-
-
-@contextlib.contextmanager
-def job_lock(out: Path) -> Iterator[None]:
-    """Exclusive use of ``out`` for one job at a time (a second job fails at once, clearly)."""
-    with open(out / LOCK, "a+") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise OutputError(
-                f"another embedding job is writing to {out}; wait for it or choose another --output"
-            ) from None
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
-def prepare_output(out: Path, identity: dict[str, Any], *, overwrite: bool) -> dict[str, Any] | None:
-    """Make ``out`` ready for the job ``identity`` describes; return the existing manifest when
-    the job resumes there. Must be called with :func:`job_lock` held.
-
-    Refuses a folder made by a different job (other inputs, model, shard size or top-k) and a
-    non-empty folder that holds no job, unless ``overwrite``, which deletes the job's files.
-    """
-    manifest_path = out / MANIFEST
-    for stale in out.glob(".*.tmp"):  # left by a killed job; the lock says none is running
-        stale.unlink()
-    if (out / FRAGMENTS).is_dir():
-        shutil.rmtree(out / FRAGMENTS)
-    if overwrite:
-        remove_job_files(out)
-        return None
-    if manifest_path.is_file():
-        try:
-            existing: dict[str, Any] = json.loads(manifest_path.read_text())
-        except (OSError, ValueError) as e:
-            raise OutputError(f"{manifest_path} is unreadable ({e}); pass --overwrite to start over") from None
-        differences = [k for k, v in identity.items() if existing.get("job", {}).get(k) != v]
-        if differences:
-            raise OutputError(
-                f"{out} holds embeddings of a different job ({', '.join(differences)} differ); "
-                "a job resumes only with the same inputs, model, --shard-size and --top-k. "
-                "Pass --overwrite to start over, or choose another --output folder"
-            )
-        return existing
-    others = sorted(p.name for p in out.iterdir() if p.name != LOCK)
-    if others:
-        shown = ", ".join(others[:3]) + (" ..." if len(others) > 3 else "")
-        raise OutputError(
-            f"{out} is not empty ({shown}) and holds no embedding job; choose an empty or new folder "
-            "(--overwrite deletes only part-*.parquet and _* files a job writes)"
-        )
-    return None
-
-
-def merge_errors(out: Path, records: Sequence[ShardRecord]) -> int:
-    """Write ``_errors.jsonl`` from the shard records, in input order; returns the error count."""
-    lines = [json.dumps(e) for r in sorted(records, key=lambda r: r.shard) for e in r.errors]
-    write_atomic(out / ERRORS, ("\n".join(lines) + "\n" if lines else "").encode())
-    return len(lines)
-
-
-def write_manifest(out: Path, doc: dict[str, Any]) -> None:
-    write_atomic(out / MANIFEST, json.dumps(doc, indent=2, default=str).encode())
+def write_parquet(table: pa.Table, where: Any) -> None:
+    """A shard's Parquet file, in one row group (``where``: a path or an Arrow output stream)."""
+    pq.write_table(table, where, row_group_size=max(1, table.num_rows))

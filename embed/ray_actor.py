@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import hashlib
+import tempfile
 import time
 from collections import deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from . import output as out_
 from .decode import Decoded, LoaderConfig, decode_chunk
+from .reads import read_ahead, warm_up
 
 
 @dataclass
@@ -29,12 +33,40 @@ class _Rows:
         self.decode_s, self.infer_s = np.zeros(self.n), np.zeros(self.n)
 
 
+def _model_file(model_path: str, sha256: str, model_ref: list[Any] | None) -> Path:
+    """The driver's model file if this node sees it, else its bytes from Ray's object store,
+    kept once per node under the temporary folder; checked against ``sha256`` either way."""
+    from models.files import write_atomic
+    from models.registry import sha256_file
+
+    path = Path(model_path)
+    if path.is_file() and sha256_file(path) == sha256:
+        return path
+    if model_ref is None:
+        if not path.is_file():
+            raise RuntimeError(f"{model_path} is not visible on this Ray node")
+        raise RuntimeError(f"{model_path} does not match the sha256 its version records")
+    local = Path(tempfile.gettempdir()) / "backbones-models" / f"{sha256}.onnx"
+    if not (local.is_file() and sha256_file(local) == sha256):
+        import ray
+
+        data = ray.get(model_ref[0])
+        if hashlib.sha256(data).hexdigest() != sha256:
+            raise RuntimeError("the model file sent through Ray does not match the sha256 its version records")
+        local.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(local, data)
+    return local
+
+
 class ShardEmbedder:
     """Ray actor: embeds whole shards. One ONNX Runtime session (:class:`models.runtime.OnnxSession`)
     over the version's ``model.onnx`` (checked against its sha256); ``decode_threads`` threads
     decode the next batches while ORT runs on the current one (Pillow and NumPy release the GIL).
     ``runners`` > 1: each batch runs as micro-batches, that many calls at once
-    (:class:`models.runtime.ConcurrentRunner`, as the local engine does on a CPU)."""
+    (:class:`models.runtime.ConcurrentRunner`, as the local engine does on a CPU).
+    ``model_ref``: ``[ObjectRef]`` of the model file's bytes, for nodes that cannot see
+    ``model_path``. Paths may be object URLs (``store``: one of them): the decode threads read
+    their bytes."""
 
     def __init__(
         self,
@@ -46,19 +78,13 @@ class ShardEmbedder:
         decode_threads: int,
         top_k: int | None,
         runners: int = 1,
+        model_ref: list[Any] | None = None,
+        store: str | None = None,
     ) -> None:
-        from models.registry import sha256_file
         from models.runtime import ConcurrentRunner, OnnxSession
 
-        path = Path(model_path)
-        if not path.is_file():
-            raise RuntimeError(
-                f"{model_path} is not visible on this Ray node; put the registry (BENTOML_HOME) on storage "
-                "that every node mounts at the same path"
-            )
-        if sha256_file(path) != sha256:
-            raise RuntimeError(f"{model_path} does not match the sha256 its version records")
-        self.session = OnnxSession(path, threads=threads)
+        warm_up(store)
+        self.session = OnnxSession(_model_file(model_path, sha256, model_ref), threads=threads)
         self.runner = ConcurrentRunner(self.session.run, runners)
         self.loader = config.build()
         self.batch_size = batch_size
@@ -86,7 +112,8 @@ class ShardEmbedder:
     def _decode(self, paths: Sequence[str]) -> Future[Decoded] | Decoded:
         if self.pool is None:
             return decode_chunk(self.loader, paths)
-        return self.pool.submit(decode_chunk, self.loader, paths)
+        # the batch's first objects are requested now, while the batches before it decode
+        return self.pool.submit(decode_chunk, self.loader, paths, None, read_ahead(paths))
 
     def _decoded(self, paths: Sequence[str]) -> Iterator[tuple[tuple[int, int], Decoded]]:
         """Each batch's span and decoded images, in order, with the next batches decoding ahead."""

@@ -13,9 +13,14 @@ repartition can restore them, but only writes once the whole input has passed.) 
 split a shard across write tasks, its pieces go to ``_fragments/`` and the driver joins them.
 
 The shard plan, the Parquet schema and the writing code are the local engine's, so both engines
-write the same files and a job started with one can be resumed with the other. On a cluster,
-the images, the registry (BENTOML_HOME) and the output folder must be on storage every node
-mounts at the same path.
+write the same files and a job started with one can be resumed with the other.
+
+On a cluster nothing needs a shared file system when the images and the output are in an object
+store (``s3://``): the actors read the images' bytes and the write tasks write whole objects
+themselves, each with its own file system instance and the credentials of its node's
+environment (nothing secret is shipped by the driver). The model file travels through Ray's
+object store to nodes that cannot see the driver's registry. Local paths must be on storage that
+every node mounts at the same path.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
@@ -37,6 +43,7 @@ from . import output as out_
 from .config import RAY_CPUS_PER_ACTOR, RAY_GPU_DECODE_THREADS
 from .ray_actor import ShardEmbedder
 from .ray_sink import ShardLayout, datasink_class
+from .storage import first_url, is_url
 
 if TYPE_CHECKING:
     from .job import EmbedJob, EngineStats, Shard
@@ -187,8 +194,9 @@ def _connect(ray: Any, address: str | None) -> bool:
 
 
 def _layout(job: EmbedJob, todo: Sequence[Shard]) -> ShardLayout:
+    where = job.output.location
     return ShardLayout(
-        output=str(job.output.resolve()),
+        output=where if is_url(where) else str(Path(where).resolve()),
         dim=job.spec.feature_dim,
         top_k=job.config.top_k,
         labels=list(job.spec.labels),
@@ -212,10 +220,11 @@ def _dataset(ray: Any, job: EmbedJob, todo: Sequence[Shard], plan: RayPlan) -> A
         )
         for s in todo
     ]
+    model = job.stored.file(ONNX_FILENAME).resolve()
     return ray.data.from_arrow(blocks).map_batches(
         ShardEmbedder,
         fn_constructor_kwargs={
-            "model_path": str(job.stored.file(ONNX_FILENAME).resolve()),
+            "model_path": str(model),
             "sha256": job.spec.files[ONNX_FILENAME],
             "config": job.loader_config,
             "batch_size": job.config.batch_size,
@@ -223,6 +232,8 @@ def _dataset(ray: Any, job: EmbedJob, todo: Sequence[Shard], plan: RayPlan) -> A
             "decode_threads": plan.decode_threads,
             "top_k": job.config.top_k,
             "runners": plan.runners,
+            "model_ref": _model_ref(ray, model),
+            "store": first_url([it.path for s in todo for it in job.items[s.start : s.stop]]),
         },
         batch_size=None,  # one call per block = per shard
         batch_format="numpy",
@@ -233,15 +244,21 @@ def _dataset(ray: Any, job: EmbedJob, todo: Sequence[Shard], plan: RayPlan) -> A
     )
 
 
+def _model_ref(ray: Any, model: Path) -> list[Any] | None:
+    """The model file in Ray's object store when the cluster has other nodes (which may not see
+    the registry), in a list so that actors fetch it only if they need it."""
+    if sum(1 for node in ray.nodes() if node.get("Alive")) <= 1:
+        return None
+    return [ray.put(model.read_bytes())]
+
+
 def _write(ray: Any, ds: Any, sink: Any) -> None:
     # writing is light: it must not wait for a CPU that the actors hold
     try:
         ds.write_datasink(sink, ray_remote_args={"num_cpus": 0.1})
     except ray.exceptions.RayError as e:
         log.debug("the Ray job failed", exc_info=True)
-        raise RayEngineError(
-            f"the Ray job failed: {_first_line(e)}; finished shards are kept: run the same command to resume"
-        ) from None
+        raise RayEngineError(f"the Ray job failed: {_first_line(e)}") from None
 
 
 def _records(found: list[dict[str, Any]], todo: Sequence[Shard], stats: EngineStats) -> list[out_.ShardRecord]:

@@ -1,24 +1,25 @@
 """Writing for the Ray engine: the rows of a shard, as the actors return them, into the local
-engine's Parquet shard (:func:`embed.output.shard_table` and ``write_shard``).
+engine's Parquet shard (:func:`embed.output.shard_table` and
+:meth:`embed.job_output.JobOutput.write_shard`).
 
 Each actor call returns one whole shard, so a write task normally holds every row of the shards
-it gets and writes them at once. Should Ray split a shard across write tasks anyway, its pieces
-are kept in ``_fragments/`` and the driver joins them when the run ends.
+it gets and writes them at once, on whichever node it runs: into the output folder, or as whole
+objects into the output prefix of an object store (each task opens the output itself, with the
+credentials of its node's environment). Should Ray split a shard across write tasks anyway, its
+pieces are kept in ``_fragments/`` and the driver joins them when the run ends.
 """
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from . import output as out_
+from .job_output import open_output
 
 # what the actors return besides the embedding (and top-k): kept in fragments, see join_fragments
 ROW_COLUMNS = ("shard", "pos", "id", "path", "kind", "error", "decode_s", "infer_s", "ready_at")
@@ -28,7 +29,7 @@ ROW_COLUMNS = ("shard", "pos", "id", "path", "kind", "error", "decode_s", "infer
 class ShardLayout:
     """What a write task needs to turn rows into shard files (small: no input list)."""
 
-    output: str
+    output: str  # an absolute folder or an object-store URL
     dim: int
     top_k: int | None
     labels: list[str]
@@ -62,36 +63,29 @@ def write_ray_shard(layout: ShardLayout, shard: int, rows: dict[str, np.ndarray]
     record = out_.ShardRecord(
         shard, start, stop, int(ok.sum()), errors, float(rows["decode_s"].sum()), float(rows["infer_s"].sum())
     )
-    out_.write_shard(Path(layout.output), record, table)
+    open_output(layout.output).write_shard(record, table)
     return {**record.__dict__, "ready_at": float(np.min(rows["ready_at"].astype(np.float64)))}
 
 
 def _write_fragment(layout: ShardLayout, shard: int, rows: dict[str, np.ndarray]) -> None:
     """Part of a shard, kept until the driver has every part (never seen by dataset readers)."""
-    folder = Path(layout.output) / out_.FRAGMENTS
-    folder.mkdir(exist_ok=True)
     columns = {k: pa.array(list(rows[k])) for k in ROW_COLUMNS}
     columns["embedding"] = pa.array(list(np.asarray(rows["embedding"], dtype=np.float32)))
     if layout.top_k:
         columns["topk_index"] = pa.array(list(np.asarray(rows["topk_index"], dtype=np.int32)))
         columns["topk_score"] = pa.array(list(np.asarray(rows["topk_score"], dtype=np.float32)))
-    target = folder / f"{out_.shard_name(shard)[: -len('.parquet')]}.{uuid.uuid4().hex}.parquet"
-    tmp = folder / f".{target.name}.tmp"
-    pq.write_table(pa.table(columns), tmp)
-    tmp.rename(target)
+    open_output(layout.output).write_fragment(shard, pa.table(columns))
 
 
 def join_fragments(layout: ShardLayout) -> list[dict[str, Any]]:
     """Write the shards whose pieces are all in ``_fragments/`` (on the driver), then clear it."""
-    folder = Path(layout.output) / out_.FRAGMENTS
-    if not folder.is_dir():
+    out = open_output(layout.output)
+    pieces = out.fragments()
+    if not pieces:
         return []
-    pieces: dict[int, list[Path]] = {}
-    for f in folder.glob("part-*.parquet"):
-        pieces.setdefault(int(f.name[5:10]), []).append(f)
     records = []
-    for shard, files in sorted(pieces.items()):
-        table = pa.concat_tables([pq.read_table(f) for f in files])
+    for shard, tables in sorted(pieces.items()):
+        table = pa.concat_tables(tables)
         rows = {c: np.asarray(table.column(c).to_pylist(), dtype=object) for c in table.column_names}
         rows["pos"] = rows["pos"].astype(np.int64)
         for c in ("decode_s", "infer_s", "ready_at"):
@@ -99,9 +93,7 @@ def join_fragments(layout: ShardLayout) -> list[dict[str, Any]]:
         start, stop = layout.bounds[shard]
         if len(rows["pos"]) == stop - start:
             records.append(write_ray_shard(layout, shard, rows))
-    for f in folder.iterdir():
-        f.unlink()
-    folder.rmdir()
+    out.clear_fragments()
     return records
 
 

@@ -3,14 +3,17 @@ vectors equal to what the service computes (InferenceModel) and to ONNX Runtime 
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import io
 import json
 import os
+import resource
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +32,7 @@ from embed import run_embed
 from embed.inputs import InputError, Item, ManifestError, collect_inputs
 from embed.job import inputs_fingerprint, plan_shards
 from embed.output import ERRORS, MANIFEST, SHARD_RECORDS, OutputError
-from models import ImageLoader, InferenceModel, Registry
+from models import ImageLoader, InferenceModel, Registry, StoredVersion
 
 from .conftest import ROOT, jpeg_bytes
 
@@ -432,3 +435,133 @@ def test_decode_buffers_of_dead_jobs_are_removed(tmp_path: Path) -> None:
     finally:
         for f in (stale, live):
             f.unlink(missing_ok=True)
+
+
+# -- the job's environment: a full disk, an unwritable output, a small /dev/shm -----------------------
+
+
+@contextlib.contextmanager
+def _tmpfs(where: Path, options: str) -> Iterator[bool]:
+    """A file system of its own at ``where``: True where this process may mount a tmpfs (root),
+    False otherwise (``where`` is then a plain folder)."""
+    where.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(where)], capture_output=True)
+    try:
+        yield mounted.returncode == 0
+    finally:
+        if mounted.returncode == 0:
+            subprocess.run(["umount", str(where)], check=True)
+
+
+def _pages(n: int) -> int:
+    return -(-n // 4096)
+
+
+@pytest.mark.slow
+def test_a_full_disk_is_one_line_marks_the_job_failed_and_it_resumes_once_space_is_back(
+    tiny_registry: Registry, tmp_path: Path
+) -> None:
+    """A real full disk: a small tmpfs (as root), filled up to leave room for two and a half
+    shards; where mounting is not allowed, a file-size limit (RLIMIT_FSIZE) below a shard's size
+    makes writing it fail with EFBIG instead."""
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i in range(96):
+        (photos / f"p{i:02d}.jpg").write_bytes(jpeg_bytes(i % 5, (64, 48)))
+    opts = ["--shard-size", "16", "--top-k", "5", "--workers", "0", "--json"]
+    scratch = tmp_path / "scratch"
+    run_embed("tiny_cnn", [str(photos)], scratch, shard_size=16, top_k=5, workers=0, registry=tiny_registry)
+    part, manifest = (scratch / "part-00000.parquet").stat().st_size, (scratch / MANIFEST).stat().st_size
+    env = {**os.environ, "BENTOML_HOME": str(tiny_registry.home), "BENTOML_DO_NOT_TRACK": "true"}
+    with _tmpfs(tmp_path / "disk", "size=1m") as mounted:
+        out = tmp_path / "disk" / "emb"
+        limit = None
+        if mounted:  # the manifest, two shards (record + Parquet), a third record and half its Parquet file
+            pp = _pages(part)
+            assert pp >= 2, "the test needs shards of several pages"
+            free = 4096 * (_pages(manifest) + 2 * (1 + pp) + 1 + pp // 2)
+            st = os.statvfs(tmp_path / "disk")
+            (tmp_path / "disk" / "filler").write_bytes(b"\0" * (st.f_bavail * st.f_frsize - free))
+        else:
+            limit = part - 1
+
+        def preexec() -> None:
+            if limit is not None:
+                resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+        cmd = [sys.executable, "-m", "cli", "embed", "tiny_cnn", str(photos), "--output", str(out), *opts]
+        full = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, preexec_fn=preexec, timeout=300)
+        lines = full.stderr.strip().splitlines()
+        assert full.returncode == 1 and len(lines) == 1 and "Traceback" not in full.stderr, full.stderr
+        why = "No space left on device" if mounted else "File too large"
+        assert lines[0].startswith(f"error: cannot write {out}/") and why in lines[0], lines[0]
+        kept = 2 if mounted else 0
+        assert f"the {kept} finished shard(s) of 6 are kept: run the same command again to resume" in lines[0]
+        failed = json.loads((out / MANIFEST).read_text())
+        assert failed["status"] == "failed" and why in failed["error"] and failed["counts"]["shards_done"] == kept
+        assert len(list(out.glob("part-*.parquet"))) == kept and not list(out.glob(".*.tmp"))
+
+        (tmp_path / "disk" / "filler").unlink(missing_ok=True)  # space is back (or no limit)
+        resumed = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        assert resumed.returncode == 0, resumed.stderr
+        summary = json.loads(resumed.stdout)
+        assert (summary["shards_skipped"], summary["shards_computed"]) == (kept, 6 - kept)
+        assert json.loads((out / MANIFEST).read_text())["status"] == "complete"
+        assert read_dir(out).equals(read_dir(scratch))
+
+
+@pytest.mark.slow
+def test_an_unwritable_output_is_one_clear_line(run_cli, tiny_registry: Registry, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """A read-only file system (a tmpfs mounted read-only, as root); else a folder without write
+    permission, or for root, which ignores permissions, a path under a file."""
+    photos = tmp_path / "photos"
+    make_tree(photos)
+    with _tmpfs(tmp_path / "ro", "ro,size=64k") as mounted:
+        ro, why = tmp_path / "ro", "Read-only file system"
+        if not mounted and os.geteuid() != 0:
+            ro.chmod(0o555)
+            why = "Permission denied"
+        elif not mounted:
+            ro = ro / "a-file"
+            ro.write_text("not a folder")
+            why = "Not a directory"
+        cases = [(ro / "emb", f"error: cannot create the folder {ro / 'emb'}: {why}")]
+        if ro.is_dir():  # the folder exists: its lock file is the first write
+            cases.append((ro, f"error: cannot write {ro / '_lock'}: {why}"))
+        for out, message in cases:
+            proc = run_cli("embed", "tiny_cnn", str(photos), "--output", str(out), home_dir=tiny_registry.home)
+            lines = proc.stderr.strip().splitlines()
+            assert proc.returncode == 1 and len(lines) == 1, proc.stderr
+            assert lines[0].startswith(message) and "choose a writable --output" in lines[0], lines[0]
+
+
+def test_a_small_dev_shm_means_fewer_buffers_then_pipes(
+    tiny_version: StoredVersion, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The decode pool measures /dev/shm's free space; here it is told (shm_free) so as to force
+    each fallback. The decoded images are the same every way."""
+    from embed.decode import LoaderConfig, decode_chunk
+    from embed.decode_pool import SHM_MAX_SHARE, DecodePool
+
+    photos = tmp_path / "photos"
+    paths = make_tree(photos) + add_bad_photos(photos)
+    config = LoaderConfig.of(ImageLoader(tiny_version.spec.preprocess))
+    want = decode_chunk(config.build(), paths)
+    spans = [(a, min(a + 3, len(paths))) for a in range(0, len(paths), 3)]
+    batch = 3 * 3 * 64 * 64 * 4  # bytes of one buffer: batch size 3, 64 x 64 crop
+    cases = [  # bytes free -> chunks in flight, shared memory, what is logged
+        (None, 3, True, None),
+        (int(3 * batch / SHM_MAX_SHARE) + 1, 2, True, "2 decoded batches in flight instead of 3"),
+        (int(1 * batch / SHM_MAX_SHARE) + 1, 3, False, "decoded images go through pipes instead"),
+    ]
+    for free, in_flight, shared, message in cases:
+        caplog.clear()
+        with DecodePool(config, 1, 3, shm_free=free) as pool:
+            assert (pool.in_flight, pool.shared) == (in_flight, shared)
+            pool.wait_ready()
+            got = [(d.pixels.copy(), d.ok.copy(), dict(d.errors)) for d in pool.decoded(paths, spans)]
+        np.testing.assert_array_equal(np.concatenate([g[0] for g in got]), want.pixels)
+        assert np.array_equal(np.concatenate([g[1] for g in got]), want.ok)
+        assert [k for g in got for k, _ in g[2].values()] == ["undecodable", "undecodable"]
+        logged = [r.getMessage() for r in caplog.records if r.name == "embed.decode_pool"]
+        assert (message is None and not logged) or (len(logged) == 1 and message in logged[0]), logged
