@@ -33,29 +33,34 @@ class _Rows:
         self.decode_s, self.infer_s = np.zeros(self.n), np.zeros(self.n)
 
 
-def _model_file(model_path: str, sha256: str, model_ref: list[Any] | None) -> Path:
-    """The driver's model file if this node sees it, else its bytes from Ray's object store,
-    kept once per node under the temporary folder; checked against ``sha256`` either way."""
+def _model_bytes(model_path: str, sha256: str, model_ref: list[Any] | None) -> bytes:
+    """The graph's bytes, checked against ``sha256`` as read (what is checked is what runs): from
+    the driver's file where this node sees it, else from Ray's object store, kept once per node
+    under the temporary folder."""
     from models.files import write_atomic
-    from models.registry import sha256_file
+
+    def read_checked(path: Path) -> bytes | None:
+        data = path.read_bytes() if path.is_file() else None
+        return data if data is not None and hashlib.sha256(data).hexdigest() == sha256 else None
 
     path = Path(model_path)
-    if path.is_file() and sha256_file(path) == sha256:
-        return path
+    if (data := read_checked(path)) is not None:
+        return data
     if model_ref is None:
         if not path.is_file():
             raise RuntimeError(f"{model_path} is not visible on this Ray node")
         raise RuntimeError(f"{model_path} does not match the sha256 its version records")
     local = Path(tempfile.gettempdir()) / "backbones-models" / f"{sha256}.onnx"
-    if not (local.is_file() and sha256_file(local) == sha256):
-        import ray
+    if (data := read_checked(local)) is not None:
+        return data
+    import ray
 
-        data = ray.get(model_ref[0])
-        if hashlib.sha256(data).hexdigest() != sha256:
-            raise RuntimeError("the model file sent through Ray does not match the sha256 its version records")
-        local.parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(local, data)
-    return local
+    data = ray.get(model_ref[0])
+    if hashlib.sha256(data).hexdigest() != sha256:
+        raise RuntimeError("the model file sent through Ray does not match the sha256 its version records")
+    local.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(local, data)
+    return data
 
 
 class ShardEmbedder:
@@ -84,7 +89,7 @@ class ShardEmbedder:
         from models.runtime import ConcurrentRunner, OnnxSession
 
         warm_up(store)
-        self.session = OnnxSession(_model_file(model_path, sha256, model_ref), threads=threads)
+        self.session = OnnxSession(_model_bytes(model_path, sha256, model_ref), threads=threads)
         self.runner = ConcurrentRunner(self.session.run, runners)
         self.loader = config.build()
         self.batch_size = batch_size

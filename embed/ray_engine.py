@@ -130,6 +130,7 @@ def run_ray(
     stats = EngineStats()
     if not todo:
         return [], stats
+    _preflight(job)
     t_start = time.perf_counter()
     started_here = _connect(ray, job.config.ray_address)
     try:
@@ -158,6 +159,28 @@ def run_ray(
     records = _records(sink.records, todo, stats)
     log.debug("ray plan %s", json.dumps(plan.__dict__))
     return records, stats
+
+
+def _preflight(job: EmbedJob) -> None:
+    """The check every consumer of a version runs (models.inference.open_version), here on the
+    driver with the providers its settings give: the actors then load the bytes whose sha256 the
+    spec records (embed/ray_actor.py)."""
+    from models import get_settings
+    from models.inference import PREFLIGHT_DIR
+    from models.preflight import expectation, preflight
+    from models.registry import Registry
+    from models.runtime import provider_names, session_providers
+
+    settings = get_settings()
+    path = job.stored.file(ONNX_FILENAME)
+    preflight(
+        path,
+        expectation(job.spec),
+        sha256=job.spec.files[ONNX_FILENAME],
+        settings=settings,
+        providers=provider_names(session_providers(settings, path)),
+        memo_dir=Registry(settings=settings).own_dir(PREFLIGHT_DIR),
+    )
 
 
 def _import_ray() -> Any:

@@ -344,17 +344,21 @@ def test_the_model_reaches_a_node_that_cannot_see_the_registry(local_ray: None, 
     store, checked against its sha256."""
     import ray
 
-    from embed.ray_actor import _model_file
+    from embed.ray_actor import _model_bytes
 
     stored = tiny_registry.get("tiny_cnn")
     sha = stored.spec.files["model.onnx"]
     ref = [ray.put(stored.file("model.onnx").read_bytes())]
-    got = _model_file("/nowhere/model.onnx", sha, ref)
-    assert got != stored.file("model.onnx") and got.read_bytes() == stored.file("model.onnx").read_bytes()
+    assert _model_bytes("/nowhere/model.onnx", sha, ref) == stored.file("model.onnx").read_bytes()
     with pytest.raises(RuntimeError, match="does not match the sha256"):
-        _model_file("/nowhere/model.onnx", "0" * 64, ref)
+        _model_bytes("/nowhere/model.onnx", "0" * 64, ref)
     with pytest.raises(RuntimeError, match="is not visible on this Ray node"):
-        _model_file("/nowhere/model.onnx", sha, None)
+        _model_bytes("/nowhere/model.onnx", sha, None)
+    # the driver's file, changed after the job read its spec, is refused as read
+    copy = Path(tiny_registry.home).parent / "swapped.onnx"
+    copy.write_bytes(stored.file("model.onnx").read_bytes() + b"x")
+    with pytest.raises(RuntimeError, match="does not match the sha256"):
+        _model_bytes(str(copy), sha, None)
 
 
 def _closed_port() -> int:
