@@ -22,7 +22,8 @@ class Metrics:
         m: Any = bentoml.metrics
         self.requests = m.Counter(
             name="backbones_requests_total",
-            documentation="HTTP requests by endpoint, model, version and outcome (ok, client_error, overloaded, error)",
+            documentation="HTTP requests by endpoint, model, version and outcome "
+            "(ok, client_error, overloaded, cancelled, error)",
             labelnames=["endpoint", "model", "version", "outcome"],
         )
         self.decode_seconds = m.Histogram(

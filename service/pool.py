@@ -25,6 +25,7 @@ from models.runtime import serving_plan
 
 from .batching import BatchStats, MicroBatcher, calibrate_batch_size
 from .metrics import metrics
+from .public import public_spec, redact
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +61,7 @@ class ModelSlot:
     retry_at: float = 0.0  # time.monotonic() of the next attempt
 
     def describe(self, registry: Registry) -> dict[str, Any]:
+        """This slot as ``GET /models`` shows it: what a client needs, no paths (service/public.py)."""
         doc: dict[str, Any] = {
             "ref": self.ref,
             "name": self.name,
@@ -76,14 +78,14 @@ class ModelSlot:
                 runners=self.current.batcher.runners,
                 max_batch_size=self.current.batcher.max_batch_size,
                 measured_images_per_s={str(k): round(v, 1) for k, v in self.current.batch_rates.items()},
-                spec=spec.model_dump(mode="json"),
+                spec=public_spec(spec),
             )
         try:
             doc["aliases"] = registry.aliases(self.name)
         except BackbonesError as e:
             doc["aliases"] = {}
-            doc["aliases_error"] = str(e)
-        doc["last_error"] = self.error
+            doc["aliases_error"] = redact(str(e))
+        doc["last_error"] = redact(self.error) if self.error else None
         return doc
 
 
@@ -113,7 +115,7 @@ class ModelPool:
 
     def not_ready_reasons(self) -> dict[str, str]:
         """Why each model that is not loaded yet is not: its last load error, or ``loading``."""
-        return {s.ref: s.error or "loading" for s in self.slots if s.current is None}
+        return {s.ref: redact(s.error) if s.error else "loading" for s in self.slots if s.current is None}
 
     def find(self, requested: str | None) -> ModelSlot | None:
         """The slot a request's ``model`` field names (None: the first served model).

@@ -102,7 +102,10 @@ def test_bundled_lite_checkpoint_fills_every_tensor_of_timms_model(name: str) ->
 
 
 def test_unknown_name_lists_the_known_ones() -> None:
-    with pytest.raises(UnknownModelError, match="unknown model 'resnet5'; known: efficientnet_lite0, efficientnet_lite1, efficientnet_lite2, resnet18"):
+    with pytest.raises(
+        UnknownModelError,
+        match="unknown model 'resnet5'; known: efficientnet_lite0, efficientnet_lite1, efficientnet_lite2, resnet18",
+    ):
         get_entry("resnet5")
 
 
