@@ -13,7 +13,9 @@ from .common import SettingOption, handle_errors
 # Environment variables that make BentoML 1.4 run workers without respawn (bentoml.serving.running_inside_container).
 CONTAINER_MARKERS = ("BENTOML_CONTAINERIZED", "BENTOCLOUD_DEPLOYMENT_URL")
 SERVICE = "service.bento:Backbones"
-BENTOML_DEFAULT = "BentoML's: {env}, else its configuration"  # the address is BentoML's to default
+BENTOML_DEFAULT = "BentoML's: {env}, else its configuration"  # the port is BentoML's to default
+# only this machine can connect unless --host says otherwise (containers pass --host 0.0.0.0)
+DEFAULT_HOST = "127.0.0.1"
 
 
 def bentoml_args(host: str | None, port: int | None) -> list[str]:
@@ -37,7 +39,12 @@ def bentoml_args(host: str | None, port: int | None) -> list[str]:
     metavar="REF",
     help="A model to serve (repeat for several; the first is the default).",
 )
-@click.option("--host", show_default=BENTOML_DEFAULT.format(env="BENTOML_HOST"), help="Address to listen on.")
+@click.option(
+    "--host",
+    default=DEFAULT_HOST,
+    show_default=True,
+    help="Address to listen on; by default only this machine can connect (deploy/ listens on every interface).",
+)
 @click.option(
     "-p",
     "--port",
@@ -47,17 +54,20 @@ def bentoml_args(host: str | None, port: int | None) -> list[str]:
 )
 @click.option("--workers", cls=SettingOption, setting="workers", type=click.IntRange(0, 256))
 @handle_errors
-def serve_cmd(refs: tuple[str, ...], host: str | None, port: int | None, workers: int | None) -> None:
+def serve_cmd(refs: tuple[str, ...], host: str, port: int | None, workers: int | None) -> None:
     """Serve classification and embedding over HTTP (BentoML).
 
     Endpoints: POST /classify and POST /embed (multipart field 'image'; optional 'model' and
-    'top_k'), GET /models, /livez, /readyz, /metrics, and the OpenAPI page at /. A served NAME or
-    NAME@ALIAS follows its alias: `backbones models alias` switches the running service to the new
-    version without failing a request. Tuning knobs (workers, runners, batch size, queue limit,
-    threads): see the README's Configuration table.
+    'top_k'), GET /models, /livez, /readyz, /metrics, and the OpenAPI page at /. With API keys set
+    (BACKBONES_API_KEYS or BACKBONES_API_KEYS_FILE), every route but the probes and /metrics needs
+    'Authorization: Bearer KEY'. A served NAME or NAME@ALIAS follows its alias: `backbones models
+    alias` switches the running service to the new version without failing a request. Tuning knobs
+    (workers, runners, batch size, queue limit, threads, limits on connections and bodies): see the
+    README's Configuration table.
     """
     from models import Settings
     from models.registry import Ref
+    from service.auth import load_key_digests
 
     given = {"serve_models": ",".join(refs) if refs else None, "workers": workers}
     overrides = {field: value for field, value in given.items() if value is not None}
@@ -66,12 +76,14 @@ def serve_cmd(refs: tuple[str, ...], host: str | None, port: int | None, workers
     chosen = settings.served_refs()
     for ref in chosen:
         Ref.parse(ref)
+    keys = load_key_digests(settings)  # a short key or a bad key file fails here, naming the setting
     os.environ.update(Settings.env_for(**overrides))  # the workers read the same settings
     # Inside a container BentoML does not restart a worker that dies (the container would be
     # restarted instead, losing every worker's requests): the arbiter replaces dead workers here.
     for name in CONTAINER_MARKERS:
         os.environ.pop(name, None)
-    where = f"on http://{host}:{port}" if host and port else "on the address BentoML logs next"
-    click.echo(f"serving {', '.join(chosen)} {where}", err=True)
+    where = f"on http://{host}:{port}" if port else f"on {host}, at the port BentoML logs next"
+    auth = f"API keys required ({len(keys)})" if keys else "no API key required"
+    click.echo(f"serving {', '.join(chosen)} {where}; {auth}", err=True)
     sys.stdout.flush()
     os.execv(sys.executable, bentoml_args(host, port))

@@ -12,7 +12,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ProviderChoice = Literal["auto", "cpu", "cuda", "tensorrt"]
@@ -150,6 +150,52 @@ class Settings(BaseSettings):
         description="A served model that fails to load at start-up is retried with backoff up to this "
         "interval; meanwhile /readyz answers 503 with the reason and /livez 200.",
     )
+    # -- hostile traffic (service/transport.py, service/limits.py, service/auth.py) --------------
+    api_keys: SecretStr = Field(
+        default=SecretStr(""),
+        description="Comma-separated API keys. When set (or api_keys_file is), every route but "
+        "auth_open_paths needs the header 'Authorization: Bearer <key>'; unset: no authentication. "
+        "Keys are never logged.",
+    )
+    api_keys_file: Path | None = Field(
+        default=None,
+        description="A file of API keys as SHA-256 hex digests, one per line ('#' starts a comment), "
+        "read when the service starts; with api_keys, either kind of key is accepted.",
+    )
+    auth_open_paths: str = Field(
+        default="/livez,/readyz,/metrics",
+        description="Comma-separated paths answered without a key when authentication is on "
+        "(the probes and the Prometheus scrape).",
+    )
+    max_connections: int = Field(
+        default=512,
+        ge=1,
+        description="Open connections per worker; a request on a connection beyond them gets 503 "
+        "with Retry-After, and the connection is closed.",
+    )
+    receive_budget_bytes: int = Field(
+        default=64 * 1024 * 1024,
+        gt=0,
+        description="Bytes of request bodies a worker holds at once (being received, parsed or "
+        "decoded), reserved from the declared length before a byte is read; a body that does not "
+        "fit gets an immediate 503 with Retry-After. Bodies larger than an eighth of it may hold "
+        "at most half of it together, so ordinary photos always find room. At least twice "
+        "max_request_bytes.",
+    )
+    header_timeout_seconds: float = Field(
+        default=10.0,
+        gt=0,
+        description="A request's line and headers must arrive within this time of its first byte "
+        "(of the connection's opening, for a new connection); else 408 and the connection is closed.",
+    )
+    max_header_bytes: int = Field(
+        default=16 * 1024,
+        ge=1024,
+        description="Most bytes of a request's line and headers together; more gets 431 and the connection is closed.",
+    )
+    max_headers: int = Field(
+        default=64, ge=8, description="Most header lines in a request; more gets 431 and the connection is closed."
+    )
     # -- artifact safety (models/preflight.py) --------------------------------------------------
     preflight_timeout_seconds: float = Field(
         default=120.0,
@@ -191,6 +237,17 @@ class Settings(BaseSettings):
             )
         return value
 
+    @field_validator("receive_budget_bytes")
+    @classmethod
+    def _room_for_the_largest_body(cls, value: int, info: ValidationInfo) -> int:
+        largest = info.data.get("max_request_bytes")
+        if largest is not None and value < 2 * largest:
+            raise ValueError(
+                f"must be at least twice max_request_bytes ({largest}): a body that large may hold at most "
+                "half the receive budget"
+            )
+        return value
+
     def trt_profile(self) -> tuple[int, int, int] | None:
         """``(min, opt, max)`` batch sizes from ``trt_profile_batches`` (one number N: 1, N, N; two
         numbers: opt = max); ``None`` when unset."""
@@ -217,6 +274,10 @@ class Settings(BaseSettings):
 
     def served_refs(self) -> list[str]:
         return [r.strip() for r in self.serve_models.split(",") if r.strip()]
+
+    def open_paths(self) -> frozenset[str]:
+        """The paths answered without a key when authentication is on."""
+        return frozenset(p.strip() for p in self.auth_open_paths.split(",") if p.strip())
 
     def torch_hub_dir(self) -> Path:
         """Where torch.hub keeps downloads, by torch's own rule (TORCH_HOME, XDG_CACHE_HOME, ~/.cache)."""

@@ -7,6 +7,7 @@ always a bug.
 
 from __future__ import annotations
 
+from collections.abc import MutableMapping
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -15,6 +16,8 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from .public import redact
+
 # The status of each kind of models.ImageError (models/errors.py IMAGE_ERROR_KINDS).
 IMAGE_KINDS_TO_STATUS = {"empty": 400, "undecodable": 400, "too_large": 413, "unsupported_format": 415}
 RETRY_AFTER_SECONDS = 5  # what a 503 for a model still loading asks the client to wait
@@ -22,6 +25,7 @@ RETRY_AFTER_SECONDS = 5  # what a 503 for a model still loading asks the client 
 # Every status a route can answer besides 200, with the ``{"error": ...}`` body: the OpenAPI document
 # declares exactly these, and the schemathesis run (tests/test_api_fuzz.py) holds the service to them.
 TIMEOUT = {504: "not answered within request_timeout_seconds"}
+UNAUTHORIZED = {401: "a missing or invalid API key (when API keys are configured)"}
 IMAGE_ERRORS = {
     400: "undecodable, truncated or empty image, or a malformed multipart body",
     404: "unknown model, or one that is not served here",
@@ -55,7 +59,19 @@ class ApiError(Exception):
 
 
 def error_response(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse({"error": message}, status_code=status, headers=headers)
+    """The JSON error body; the message passes through :func:`service.public.redact` (no paths)."""
+    return JSONResponse({"error": redact(message)}, status_code=status, headers=headers)
+
+
+def body_pending(scope: MutableMapping[str, Any]) -> bool:
+    """Whether the request may have a body that an answer given before reading it leaves unread:
+    such an answer closes the connection rather than read the rest (tests/test_hostile.py)."""
+    for name, value in scope["headers"]:
+        if name == b"content-length":
+            return value.strip() not in (b"0", b"")
+        if name == b"transfer-encoding":
+            return True
+    return False
 
 
 def error_for(exc: Exception) -> JSONResponse:

@@ -1,6 +1,7 @@
 """The HTTP API: ``POST /classify``, ``POST /embed``, ``GET /models`` (DESIGN.md §5).
 
-Kept thin: read the form (service/form.py), choose the served model, decode in a thread pool (never
+Kept thin: admit the request before reading its body (service/limits.py), read the form
+(service/form.py), choose the served model, decode in a thread pool (never
 inside the batched model call, so decoding overlaps with inference), hand the tensor to the model's
 batcher, shape the response. Every client mistake is a 4xx with ``{"error": ...}``
 (service/errors.py); a 500 is always a bug.
@@ -33,12 +34,14 @@ from .errors import (
     RETRY_AFTER_SECONDS,
     TIMEOUT,
     ApiError,
+    body_pending,
     error_for,
     error_response,
     error_responses,
     install_error_handlers,
 )
-from .form import OPENAPI_BODY, read_form
+from .form import OPENAPI_BODY, Head, ImageForm, image_form, parse_parts, read_body, read_head
+from .limits import Admission, Reservation
 from .metrics import metrics
 from .pool import ModelPool, ServedModel
 
@@ -88,11 +91,32 @@ def response_body(endpoint: str, spec: VersionSpec, logits: np.ndarray, features
     return {"model": spec.tag, "predictions": [p.to_dict() for p in top_k(logits, spec.labels, k)[0]]}
 
 
-def outcome_of(error: Exception) -> str:
-    """The ``outcome`` label of a request that failed with ``error``."""
+def outcome_of(error: BaseException) -> str:
+    """The ``outcome`` label of a request that failed with ``error``: a client that left (or a
+    request cut by the timeout or a shutdown) is ``cancelled``, never a server ``error``."""
     if isinstance(error, ApiError):
-        return "overloaded" if error.status == 503 else "client_error"
+        if error.status == 503:
+            return "overloaded"
+        return "client_error" if error.status < 500 else "error"
+    if isinstance(error, ClientDisconnect | asyncio.CancelledError):
+        return "cancelled"
     return "error"
+
+
+class NonFiniteOutputError(ApiError):
+    """A model's output held NaN or Inf: a 500 that names the model, counted against it."""
+
+    def __init__(self, spec: VersionSpec) -> None:
+        super().__init__(500, f"model {spec.tag} produced a non-finite output (NaN or Inf) for this image")
+        self.spec = spec
+
+
+def check_finite(served: ServedModel, output: np.ndarray) -> None:
+    """Raise :class:`NonFiniteOutputError` when ``output`` holds NaN or Inf (a broken model, or one
+    that overflows in its precision): never a body with ``NaN`` in it, never a silent wrong answer."""
+    if not np.isfinite(output).all():
+        log.error("%s produced NaN or Inf for an image (answered 500)", served.model.spec.tag)
+        raise NonFiniteOutputError(served.model.spec)
 
 
 class ImageHandler:
@@ -102,6 +126,10 @@ class ImageHandler:
     def __init__(self, pool: ModelPool) -> None:
         self.pool = pool
         self.limit = pool.settings.max_request_bytes
+        self.admission = Admission(
+            max_requests=pool.settings.queue_limit * len(pool.slots),
+            budget_bytes=pool.settings.receive_budget_bytes,
+        )
         threads = serving_plan(pool.settings).decode_threads
         self.decode_pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="decode")
         self.metrics = metrics()
@@ -109,8 +137,8 @@ class ImageHandler:
     async def __call__(self, scope: Scope, receive: Receive, endpoint: str) -> JSONResponse:
         try:
             served, logits, features, k = await self._infer(scope, receive, endpoint)
-        except Exception as e:
-            self._count(endpoint, None, outcome_of(e))
+        except (Exception, asyncio.CancelledError) as e:
+            self._count(endpoint, getattr(e, "spec", None), outcome_of(e))
             raise
         spec = served.model.spec
         self._count(endpoint, spec, "ok")
@@ -119,26 +147,47 @@ class ImageHandler:
             self.metrics.top1_confidence.labels(spec.name, spec.version).observe(body["predictions"][0]["score"])
         return JSONResponse(body)
 
+    async def _read(self, scope: Scope, receive: Receive, reservation: Reservation, head: Head) -> ImageForm:
+        """The request's form; the body is dropped once parsed (the form holds the image's one copy)."""
+        try:
+            body, ctype = await read_body(scope, receive, self.limit, reservation, head)
+        except ApiError as e:
+            if body_pending(scope):  # refused before the end of the body: close rather than read the rest
+                e.headers["Connection"] = "close"
+            raise
+        return image_form(await parse_parts(scope, body, ctype, self.limit))
+
     async def _infer(
         self, scope: Scope, receive: Receive, endpoint: str
     ) -> tuple[ServedModel, np.ndarray, np.ndarray, int]:
-        form = await read_form(scope, receive, self.limit)
-        served = choose_model(self.pool, form.model)
-        k = parse_top_k(form.top_k, served.model.spec.num_classes) if endpoint == CLASSIFY else 0
+        try:  # admission before a byte of the body is read (service/limits.py)
+            head = read_head(scope, self.limit)
+            reservation = self.admission.admit(head.declared)
+        except ApiError as e:
+            if body_pending(scope):
+                e.headers["Connection"] = "close"
+            raise
         try:
-            served.batcher.admit()
-        except OverloadedError as e:
-            raise ApiError(
-                503, "overloaded: too many requests in flight", {"Retry-After": str(int(e.retry_after))}
-            ) from None
-        name = served.model.spec.name
-        self.metrics.inflight.labels(name).inc()
-        try:
-            array = await self._decode(served, form.image)
-            logits, features = await served.batcher.infer(array)
+            form = await self._read(scope, receive, reservation, head)
+            served = choose_model(self.pool, form.model)
+            k = parse_top_k(form.top_k, served.model.spec.num_classes) if endpoint == CLASSIFY else 0
+            try:
+                served.batcher.admit()
+            except OverloadedError as e:
+                raise ApiError(
+                    503, "overloaded: too many requests in flight", {"Retry-After": str(int(e.retry_after))}
+                ) from None
+            name = served.model.spec.name
+            self.metrics.inflight.labels(name).inc()
+            try:
+                array = await self._decode(served, form.image)
+                logits, features = await served.batcher.infer(array)
+            finally:
+                served.batcher.release()
+                self.metrics.inflight.labels(name).dec()
         finally:
-            served.batcher.release()
-            self.metrics.inflight.labels(name).dec()
+            reservation.release()
+        check_finite(served, features if endpoint == EMBED else logits)
         return served, logits, features, k
 
     async def _decode(self, served: ServedModel, data: bytes) -> np.ndarray:

@@ -22,8 +22,9 @@ class Metrics:
         m: Any = bentoml.metrics
         self.requests = m.Counter(
             name="backbones_requests_total",
-            documentation="HTTP requests by endpoint, model, version, outcome (ok, client_error, overloaded, error) "
-            "and protocol (backbones: /classify and /embed; oip: the Open Inference Protocol's /v2 routes)",
+            documentation="HTTP requests by endpoint, model, version, outcome (ok, client_error, overloaded, "
+            "cancelled, error) and protocol (backbones: /classify and /embed; oip: the Open Inference Protocol's "
+            "/v2 routes)",
             labelnames=["endpoint", "model", "version", "outcome", "protocol"],
         )
         self.decode_seconds = m.Histogram(

@@ -2,7 +2,8 @@
 
 BentoML builds the document from its own probes (declared 200 only) and the mounted FastAPI app's
 routes. What the service really answers besides: ``/readyz`` 503 with a JSON reason
-(service/drain.py), and 504 from BentoML's traffic timeout on any route. Clients and the
+(service/drain.py), 504 from BentoML's traffic timeout on any route, and 401 without a valid API
+key (service/auth.py) on any route that is not open. Clients and the
 schemathesis run (tests/test_api_fuzz.py) rely on every status being declared.
 """
 
@@ -13,7 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 from .drain import ASGIApp, Receive, Scope, Send
-from .errors import TIMEOUT
+from .errors import TIMEOUT, UNAUTHORIZED
 
 READINESS_SCHEMA = {
     "type": "object",
@@ -30,8 +31,9 @@ READINESS_SCHEMA = {
 }
 
 
-def complete(doc: dict[str, Any]) -> dict[str, Any]:
-    """``doc`` (BentoML's document, as a dict) with /readyz's 503 and a 504 on every operation."""
+def complete(doc: dict[str, Any], open_paths: frozenset[str] = frozenset()) -> dict[str, Any]:
+    """``doc`` (BentoML's document, as a dict) with /readyz's 503, a 504 on every operation, and a
+    401 on every operation but those of ``open_paths`` (answered when API keys are configured)."""
     schemas = doc.setdefault("components", {}).setdefault("schemas", {})
     schemas.setdefault("Error", {"type": "object", "required": ["error"], "properties": {"error": {"type": "string"}}})
     schemas["Readiness"] = READINESS_SCHEMA
@@ -41,7 +43,7 @@ def complete(doc: dict[str, Any]) -> dict[str, Any]:
             if not isinstance(operation, dict) or "responses" not in operation:
                 continue
             responses = operation["responses"]
-            for code, why in TIMEOUT.items():
+            for code, why in (TIMEOUT | ({} if path in open_paths else UNAUTHORIZED)).items():
                 responses.setdefault(str(code), {"description": why, "content": error_ref})
             if path == "/readyz":
                 responses["503"] = {
@@ -54,9 +56,17 @@ def complete(doc: dict[str, Any]) -> dict[str, Any]:
 class OpenAPIMiddleware:
     """Answers ``GET /docs.json`` with :func:`complete` applied to ``document()`` (built once)."""
 
-    def __init__(self, app: ASGIApp, *, document: Callable[[], dict[str, Any]], path: str = "/docs.json") -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        document: Callable[[], dict[str, Any]],
+        open_paths: frozenset[str] = frozenset(),
+        path: str = "/docs.json",
+    ) -> None:
         self.app = app
         self.document = document
+        self.open_paths = open_paths
         self.path = path
         self._body: bytes | None = None
 
@@ -65,7 +75,7 @@ class OpenAPIMiddleware:
             await self.app(scope, receive, send)
             return
         if self._body is None:
-            self._body = json.dumps(complete(self.document())).encode()
+            self._body = json.dumps(complete(self.document(), self.open_paths)).encode()
         headers = [(b"content-type", b"application/json"), (b"content-length", str(len(self._body)).encode())]
         await send({"type": "http.response.start", "status": 200, "headers": headers})
         await send({"type": "http.response.body", "body": self._body if scope["method"] == "GET" else b""})

@@ -26,6 +26,7 @@ from models.runtime import serving_plan
 
 from .batching import BatchStats, MicroBatcher, calibrate_batch_size
 from .metrics import metrics
+from .public import public_spec, redact
 from .source import RETRY_FIRST_SECONDS, ModelSource, SourceUnavailableError, source_for
 
 log = logging.getLogger(__name__)
@@ -60,6 +61,7 @@ class ModelSlot:
     retry_at: float = 0.0  # time.monotonic() of the next attempt
 
     def describe(self, registry: ModelSource) -> dict[str, Any]:
+        """This slot as ``GET /models`` shows it: what a client needs, no paths (service/public.py)."""
         doc: dict[str, Any] = {
             "ref": self.ref,
             "name": self.name,
@@ -76,14 +78,14 @@ class ModelSlot:
                 runners=self.current.batcher.runners,
                 max_batch_size=self.current.batcher.max_batch_size,
                 measured_images_per_s={str(k): round(v, 1) for k, v in self.current.batch_rates.items()},
-                spec=spec.model_dump(mode="json"),
+                spec=public_spec(spec),
             )
         try:
             doc["aliases"] = registry.aliases(self.name)
         except BackbonesError as e:
             doc["aliases"] = {}
-            doc["aliases_error"] = str(e)
-        doc["last_error"] = self.error
+            doc["aliases_error"] = redact(str(e))
+        doc["last_error"] = redact(self.error) if self.error else None
         return doc
 
 
@@ -114,12 +116,12 @@ class ModelPool:
 
     def not_ready_reasons(self) -> dict[str, str]:
         """Why each model that is not loaded yet is not: its last load error, or ``loading``."""
-        return {s.ref: s.error or "loading" for s in self.slots if s.current is None}
+        return {s.ref: redact(s.error) if s.error else "loading" for s in self.slots if s.current is None}
 
     def update_errors(self) -> dict[str, str]:
         """Why each loaded model may not serve the version it should: the registry could not be
         read, or the version its alias points to failed to load."""
-        return {s.ref: s.error for s in self.slots if s.current is not None and s.error}
+        return {s.ref: redact(s.error) for s in self.slots if s.current is not None and s.error}
 
     def find(self, requested: str | None) -> ModelSlot | None:
         """The slot a request's ``model`` field names (None: the first served model).

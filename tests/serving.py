@@ -172,3 +172,73 @@ def stop_server(server: Server, timeout: float = 60) -> None:
     except subprocess.TimeoutExpired:
         os.killpg(server.proc.pid, signal.SIGKILL)
         server.proc.wait(timeout=10)
+
+
+@dataclass
+class RawAnswer:
+    """What a server sent back on a raw connection: the status (None: nothing before it closed or
+    the wait ended), the head, the body, and whether the server closed the connection."""
+
+    status: int | None
+    head: bytes
+    body: bytes
+    closed: bool
+    seconds: float
+
+    def json(self) -> Any:
+        import json
+
+        return json.loads(self.body)
+
+
+def read_answer(sock: socket.socket, started: float, timeout: float) -> RawAnswer:
+    """Read from ``sock`` until the server closes it or ``timeout`` seconds have passed since
+    ``started``; once a whole response (by its Content-Length) has come, wait at most
+    ``CLOSE_GRACE`` more seconds for the close."""
+    data, closed, deadline = b"", False, started + timeout
+    while (left := deadline - time.monotonic()) > 0:
+        sock.settimeout(left)
+        try:
+            chunk = sock.recv(65536)
+        except TimeoutError:
+            break
+        except OSError:  # reset: the server closed with unread data
+            closed = True
+            break
+        if not chunk:
+            closed = True
+            break
+        data += chunk
+        if _complete(data):
+            deadline = min(deadline, time.monotonic() + CLOSE_GRACE)
+    head, _, body = data.partition(b"\r\n\r\n")
+    status = int(head.split(b" ", 2)[1]) if head.startswith(b"HTTP/1.") else None
+    return RawAnswer(status, head, body, closed, time.monotonic() - started)
+
+
+CLOSE_GRACE = 1.0
+
+
+def _complete(data: bytes) -> bool:
+    head, sep, body = data.partition(b"\r\n\r\n")
+    for line in head.split(b"\r\n")[1:] if sep else []:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            return len(body) >= int(value)
+    return False
+
+
+def raw_request(port: int, data: bytes, *, timeout: float = 10) -> RawAnswer:
+    """Send ``data`` as it is on a new connection to 127.0.0.1:``port`` and read the answer."""
+    started = time.monotonic()
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        with contextlib.suppress(OSError):  # the server may answer and close before all is sent
+            sock.sendall(data)
+        return read_answer(sock, started, timeout)
+
+
+def upload_head(route: str, length: int, content_type: str = FORM_TYPE, **headers: str) -> bytes:
+    """The request line and headers of a POST whose body of ``length`` bytes follows."""
+    lines = [f"POST {route} HTTP/1.1", "Host: 127.0.0.1", f"Content-Type: {content_type}", f"Content-Length: {length}"]
+    lines += [f"{k.replace('_', '-')}: {v}" for k, v in headers.items()]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode()

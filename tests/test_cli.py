@@ -162,7 +162,8 @@ def test_serve_help_states_no_default_of_its_own() -> None:
     text = _help("serve")
     description = Settings.model_fields["workers"].description or ""
     assert " ".join(description.split()) in text and "serving_plan" in text  # what serving_plan does, in one place
-    assert "BENTOML_HOST" in text and "BENTOML_PORT" in text  # the address is BentoML's to default
+    assert "BENTOML_PORT" in text  # the port is BentoML's to default
+    assert "[default: 127.0.0.1]" in text  # the address is not: only this machine, unless --host says so
     assert "3000" not in text and "0.0.0.0" not in text
 
 

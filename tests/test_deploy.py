@@ -87,7 +87,7 @@ def container(deployment: dict[str, Any]) -> dict[str, Any]:
 
 
 def env_of(deployment: dict[str, Any]) -> dict[str, str]:
-    return {e["name"]: e["value"] for e in container(deployment).get("env", [])}
+    return {e["name"]: e["value"] for e in container(deployment).get("env", []) if "value" in e}
 
 
 def test_every_file_parses_and_every_kustomization_names_existing_files() -> None:
