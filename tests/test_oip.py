@@ -696,9 +696,9 @@ def test_the_kserve_inferenceservice_runs_the_cpu_pod_with_protocol_v2() -> None
     predictor = isvc["spec"]["predictor"]
     (theirs,) = predictor["containers"]
     assert theirs["name"] == "kserve-container"
-    env = {e["name"]: e["value"] for e in theirs["env"]}
+    env = {e["name"]: e.get("value", e.get("valueFrom")) for e in theirs["env"]}
     assert env.pop("PROTOCOL") == "v2"  # how KServe reads a custom predictor's protocol version
-    assert env == {e["name"]: e["value"] for e in ours["env"] + patch["env"]}
+    assert env == {e["name"]: e.get("value", e.get("valueFrom")) for e in ours["env"] + patch["env"]}
     merged = {k: {**ours["resources"].get(k, {}), **v} for k, v in patch["resources"].items()}
     assert theirs["resources"] == merged  # the overlay's patch merges into the base's resources
     for key in ("image", "args", "workingDir", "volumeMounts", "securityContext", "lifecycle"):
