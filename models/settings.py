@@ -163,9 +163,10 @@ class Settings(BaseSettings):
         "read when the service starts; with api_keys, either kind of key is accepted.",
     )
     auth_open_paths: str = Field(
-        default="/livez,/readyz,/metrics",
+        default="/livez,/readyz,/metrics,/v2/health/live,/v2/health/ready",
         description="Comma-separated paths answered without a key when authentication is on "
-        "(the probes and the Prometheus scrape).",
+        "(the probes, the Open Inference Protocol's health routes that KServe probes, and the "
+        "Prometheus scrape).",
     )
     max_connections: int = Field(
         default=512,

@@ -186,6 +186,11 @@ def test_deploy_takes_keys_from_an_optional_secret() -> None:
     assert container["args"][container["args"].index("--host") + 1] == "0.0.0.0"
     probes = [container[p]["httpGet"]["path"] for p in ("readinessProbe", "livenessProbe", "startupProbe")]
     assert set(probes) <= Settings().open_paths()  # the kubelet sends no key
+    # nor does it as KServe's predictor, which probes the Open Inference Protocol's health routes
+    (isvc,) = [d for d in yaml.safe_load_all((ROOT / "deploy" / "kserve" / "inferenceservice.yaml").read_text()) if d]
+    (predictor,) = isvc["spec"]["predictor"]["containers"]
+    kserve_probes = {predictor[p]["httpGet"]["path"] for p in ("readinessProbe", "livenessProbe", "startupProbe")}
+    assert kserve_probes <= Settings().open_paths()
 
 
 def test_the_minimum_key_length_is_stated_where_keys_are_described() -> None:
