@@ -39,6 +39,8 @@ bench: install
 	$(UV) run --frozen python benchmarks/bench_embed.py
 	$(UV) run --frozen python benchmarks/bench_finetune.py
 	$(UV) run --frozen python benchmarks/bench_quantize.py
+	$(UV) run --frozen python benchmarks/bench_hostile.py all
+	$(UV) run --frozen python benchmarks/bench_cold_start.py
 
 # The long fuzzing run (the short one is part of `make test`).
 fuzz: install

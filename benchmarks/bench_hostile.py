@@ -235,6 +235,35 @@ def add_decode_arguments(p: argparse.ArgumentParser) -> None:
 
 # -- the command line --------------------------------------------------------------------------------
 
+
+def _serving() -> Section:
+    """The serving section lives in bench_hostile_serving.py (it starts a real server)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import bench_hostile_serving as serving
+
+    return Section(
+        "a real server under 200 clients streaming 19 MB bodies, a photo client beside them, 10,000 random paths",
+        serving.add_arguments,
+        serving.measure,
+        serving.print_report,
+    )
+
+
+def run_all(args: argparse.Namespace) -> dict[str, Any]:
+    return {"decode": run_decode(args), "serving": SECTIONS["serving"].run(args)}
+
+
+def report_all(result: dict[str, Any]) -> None:
+    SECTIONS["serving"].report(result["serving"])
+    print()
+    report_decode(result["decode"])
+
+
+def add_all_arguments(p: argparse.ArgumentParser) -> None:
+    add_decode_arguments(p)
+    SECTIONS["serving"].add_arguments(p)
+
+
 SECTIONS: dict[str, Section] = {
     "decode": Section(
         "worst allowed image of each mode vs an RGB JPEG: time and memory",
@@ -242,7 +271,11 @@ SECTIONS: dict[str, Section] = {
         run_decode,
         report_decode,
     ),
+    "serving": _serving(),
 }
+SECTIONS["all"] = Section(
+    "every section, one after the other (the issue's one run)", add_all_arguments, run_all, report_all
+)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -248,16 +248,17 @@ def load_photos() -> list[bytes]:
     return out
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seconds", type=float, default=30.0)
     parser.add_argument("--clients", type=int, default=200)
     parser.add_argument("--body-mb", type=float, default=19.0)
     parser.add_argument("--paths", type=int, default=10_000)
     parser.add_argument("--model", default="efficientnet_lite0", help="a catalog model, exported into a fresh registry")
     parser.add_argument("--tiny", action="store_true", help="serve the tiny test CNN (a quick run)")
-    parser.add_argument("--json", action="store_true")
-    args = parser.parse_args()
+
+
+def measure(args: argparse.Namespace) -> dict[str, object]:
+    """The upload flood with a photo client beside it, then the random-path scan, on a fresh server."""
     from models import Registry
     from models.export import export_catalog
 
@@ -271,19 +272,20 @@ def main() -> None:
                 httpx.post(server.url + "/classify", files={"image": ("p.jpg", photo)}, timeout=60)
             uploads = flood_uploads(server, photos, clients=args.clients, body_mb=args.body_mb, seconds=args.seconds)
             scan = scan_paths(server, args.paths)
-    report = {
+    return {
         "machine": f"{os.cpu_count()} cores",
         "model": model,
         "uploads": {"clients": args.clients, "body_mb": args.body_mb, "seconds": args.seconds, **uploads.summary()},
         "scan": scan,
     }
-    if args.json:
-        print(json.dumps(report))
-        return
+
+
+def print_report(report: dict[str, object]) -> None:
     u, s = report["uploads"], report["scan"]
     assert isinstance(u, dict) and isinstance(s, dict)
     print(
-        f"{model} on {report['machine']}, {args.clients} clients streaming {args.body_mb:g} MB bodies for {args.seconds:g} s"
+        f"{report['model']} on {report['machine']}, {u['clients']} clients streaming {u['body_mb']:g} MB bodies "
+        f"for {u['seconds']:g} s"
     )
     print(
         f"  memory: idle {u['idle_rss_mib']} MiB, peak {u['peak_rss_mib']} MiB, growth {u['growth_mib']} MiB "
@@ -300,6 +302,18 @@ def main() -> None:
         f"path scan: {s['paths']} random paths in {s['seconds']} s, answers {s['statuses']}; /metrics "
         f"{s['metrics_lines_before']} -> {s['metrics_lines_after']} lines, growth {s['growth']} (target <= 10)"
     )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_arguments(parser)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    report = measure(args)
+    if args.json:
+        print(json.dumps(report))
+    else:
+        print_report(report)
 
 
 if __name__ == "__main__":
