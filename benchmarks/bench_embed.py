@@ -44,21 +44,14 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # tests.s3server: the S3 server the tests use
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_inference import cpu_model  # noqa: E402
+
 DEFAULT_DATA = REPO.parent / "shared" / "data"
 SAMPLE_DIR = "imagenet-sample"
 MODEL = "efficientnet_lite0"
 SHARD_SIZE = 100  # ten shards per 1000 images: several actors (Ray) or shard writes (local) in play
 S3_SUFFIX = " s3->s3"  # the engines' rows from object storage to object storage
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 class CpuShare:

@@ -166,21 +166,11 @@ def _preflight(job: EmbedJob) -> None:
     driver with the providers its settings give: the actors then load the bytes whose sha256 the
     spec records (embed/ray_actor.py)."""
     from models import get_settings
-    from models.inference import PREFLIGHT_DIR
-    from models.preflight import expectation, preflight
+    from models.inference import PREFLIGHT_DIR, check_version
     from models.registry import Registry
-    from models.runtime import provider_names, session_providers
 
     settings = get_settings()
-    path = job.stored.file(ONNX_FILENAME)
-    preflight(
-        path,
-        expectation(job.spec),
-        sha256=job.spec.files[ONNX_FILENAME],
-        settings=settings,
-        providers=provider_names(session_providers(settings, path)),
-        memo_dir=Registry(settings=settings).own_dir(PREFLIGHT_DIR),
-    )
+    check_version(job.stored, settings=settings, memo_dir=Registry(settings=settings).own_dir(PREFLIGHT_DIR))
 
 
 def _import_ray() -> Any:

@@ -60,6 +60,23 @@ def read_verified(stored: StoredVersion, name: str = ONNX_FILENAME) -> bytes:
     return data
 
 
+def check_version(stored: StoredVersion, *, settings: Settings, memo_dir: Path | None = None) -> None:
+    """The version's graph loaded and run once in the preflight child (models/preflight.py), on the
+    providers a session with ``settings`` uses; raises :class:`ArtifactError` if it is refused."""
+    from .preflight import expectation, preflight
+    from .runtime import provider_names, session_providers
+
+    path = stored.file(ONNX_FILENAME)
+    preflight(
+        path,
+        expectation(stored.spec),
+        sha256=stored.spec.files[ONNX_FILENAME],
+        settings=settings,
+        providers=provider_names(session_providers(settings, path)),
+        memo_dir=memo_dir,
+    )
+
+
 def open_version(
     stored: StoredVersion,
     *,
@@ -74,21 +91,9 @@ def open_version(
     first loaded and run in a child process (models/preflight.py) on the providers this session
     will use, then the session is built from bytes whose sha256 is the spec's, the digest the
     child checked. ``memo_dir``: where passes are remembered (the registry's own folder)."""
-    from .preflight import expectation
-    from .preflight import preflight as check
-    from .runtime import provider_names, session_providers
-
     settings = settings or get_settings()
-    path = stored.file(ONNX_FILENAME)
     if preflight:
-        check(
-            path,
-            expectation(stored.spec),
-            sha256=stored.spec.files[ONNX_FILENAME],
-            settings=settings,
-            providers=provider_names(session_providers(settings, path)),
-            memo_dir=memo_dir,
-        )
+        check_version(stored, settings=settings, memo_dir=memo_dir)
     return OnnxSession(read_verified(stored), settings=settings, threads=threads, warmup_batch=warmup_batch)
 
 

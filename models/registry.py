@@ -158,6 +158,31 @@ def _write_bento_model_yaml(folder: Path, name: str, version: str, spec: Version
     Model.from_path(folder)  # raises if BentoML cannot read what was written
 
 
+def apply_alias_change(
+    doc: dict[str, Any], name: str, alias: str, version: str | None, *, where: str = "", **extra: Any
+) -> dict[str, Any]:
+    """Point ``alias`` at ``version`` (None: remove it) in an alias document and append the event to
+    its history; returns the event. The local registry and the remote one keep the same documents."""
+    previous = doc["aliases"].get(alias)
+    if version is None:
+        if previous is None:
+            raise UnknownModelError(f"{name} has no alias {alias!r}{where}")
+        del doc["aliases"][alias]
+    else:
+        doc["aliases"][alias] = version
+    event = {
+        "at": _now().isoformat(),
+        "alias": alias,
+        "action": "remove" if version is None else "set",
+        "version": version,
+        "previous": previous,
+        "by": _actor(),
+        **extra,
+    }
+    doc["history"].append(event)
+    return event
+
+
 def _alias_doc_ok(doc: Any) -> bool:
     """An alias file as this module writes it: alias -> version names, and a list of events."""
     return (
@@ -446,21 +471,7 @@ class Registry:
                     f"{name}@{alias} points to {previous or 'no version'} now, not {expected or 'no version'} "
                     "as when it was read: it moved meanwhile, and was left as it is"
                 )
-            if version is None:
-                if previous is None:
-                    raise UnknownModelError(f"{name} has no alias {alias!r}")
-                del doc["aliases"][alias]
-            else:
-                doc["aliases"][alias] = version
-            event = {
-                "at": _now().isoformat(),
-                "alias": alias,
-                "action": "remove" if version is None else "set",
-                "version": version,
-                "previous": previous,
-                "by": _actor(),
-            }
-            doc["history"].append(event)
+            event = apply_alias_change(doc, name, alias, version)
             write_atomic(self._alias_path(name), json.dumps(doc, indent=2).encode())
             return event
 

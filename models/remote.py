@@ -37,10 +37,9 @@ from .registry import (
     Ref,
     Registry,
     StoredVersion,
-    _actor,
     _alias_doc_ok,
-    _now,
     _registry_name,
+    apply_alias_change,
     sha256_file,
     validate_name,
 )
@@ -218,23 +217,7 @@ class RemoteRegistry:
             done = [e for e in doc["history"] if isinstance(e, dict) and e.get("id") == event_id]
             if done:
                 return done[0]  # type: ignore[no-any-return]
-            previous = doc["aliases"].get(alias)
-            if version is None:
-                if previous is None:
-                    raise UnknownModelError(f"{name} has no alias {alias!r} in {self.url}")
-                del doc["aliases"][alias]
-            else:
-                doc["aliases"][alias] = version
-            event = {
-                "at": _now().isoformat(),
-                "alias": alias,
-                "action": "remove" if version is None else "set",
-                "version": version,
-                "previous": previous,
-                "by": _actor(),
-                "id": event_id,
-            }
-            doc["history"].append(event)
+            event = apply_alias_change(doc, name, alias, version, where=f" in {self.url}", id=event_id)
             data = json.dumps(doc, indent=2).encode()
             if self.store.create(key, data) if current is None else self.store.replace(key, data, current[1]):
                 return event
