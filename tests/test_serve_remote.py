@@ -10,6 +10,7 @@ two processes pulling one version at once (one download)."""
 from __future__ import annotations
 
 import contextlib
+import json
 import socket
 import subprocess
 import sys
@@ -294,13 +295,15 @@ def test_the_bucket_going_away_leaves_the_loaded_version_serving_then_it_follows
         )
         assert readyz.status_code == 200  # still serving: not taken out of rotation
         body = readyz.json()
-        assert body["ready"] is True and bucket.url in body["models"][REF], body
+        # why: the registry could not be read (the URL itself is redacted: no host names reach clients)
+        assert body["ready"] is True and "failed" in body["models"][REF], body
+        assert bucket.url not in json.dumps(body)
         model = wait_for(
             lambda: (m := httpx.get(server.url + "/models", timeout=30).json()["models"][0])["last_error"] and m,
             30,
             "/models naming the unreachable bucket",
         )
-        assert model["tag"] == served.tag and bucket.url in model["last_error"]
+        assert model["tag"] == served.tag and "failed" in model["last_error"] and bucket.url not in model["last_error"]
         time.sleep(3)  # a few polls and retries while the bucket is gone
         outage = time.monotonic() - gone
         assert set(clients.models_since(gone)) == {served.tag}
