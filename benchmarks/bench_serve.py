@@ -37,7 +37,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import serve_ceiling
 import serve_servers
-from loadgen import LoadResult, run_load
+from loadgen import LoadResult, run_load, with_header
 from oip_load import V2Rounds
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -177,7 +177,12 @@ def main() -> None:
     alone_ms = serve_ceiling.single_photo_ms(onnx_path, pre, photos)
     log(f"ceiling arrangements: {arrangements}; one photo alone: {alone_ms:.1f} ms")
 
-    servers = [serve_servers.backbones([f"{main_version.spec.name}@production"], env)]
+    ours = serve_servers.backbones([f"{main_version.spec.name}@production"], env)
+    if args.api_key:  # authentication on: the server requires the key, every request carries it
+        ours.env = {**env, "BACKBONES_API_KEYS": args.api_key}
+        plain = ours.request
+        ours.request = lambda photo: with_header(plain(photo), "Authorization", f"Bearer {args.api_key}")
+    servers = [ours]
     if not args.no_triton:
         servers.append(
             serve_servers.triton(
@@ -190,6 +195,10 @@ def main() -> None:
     if not args.no_baseline and not args.model:
         servers.append(serve_servers.fastapi_torch(env))
     v2 = None if args.no_v2 else V2Rounds("fp32", f"{main_version.spec.name}@production", photos, args.seconds)
+    if v2 is not None and args.api_key:
+        bearer = f"Bearer {args.api_key}"
+        v2.single = [with_header(r, "Authorization", bearer) for r in v2.single]
+        v2.batched = [with_header(r, "Authorization", bearer) for r in v2.batched]
     rounds: list[Round] = []
     try:
         for s in servers:
@@ -217,6 +226,11 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument("--model", metavar="REF", help="serve this registered version from $BENTOML_HOME instead")
     parser.add_argument("--triton-instances", type=int, default=os.cpu_count() or 1, help="Triton model instances")
+    parser.add_argument(
+        "--api-key",
+        metavar="KEY",
+        help="serve with authentication on (BACKBONES_API_KEYS=KEY, 16 characters at least) and send the key",
+    )
     parser.add_argument("--no-triton", action="store_true", help="skip the Triton baseline")
     parser.add_argument("--no-baseline", action="store_true", help="skip the FastAPI + PyTorch server")
     parser.add_argument("--no-v2", action="store_true", help="skip the Open Inference Protocol client variants")

@@ -30,6 +30,12 @@ def multipart_request(host: str, path: str, image: bytes, fields: dict[str, str]
     return head.encode() + body
 
 
+def with_header(request: bytes, name: str, value: str) -> bytes:
+    """``request`` with one more header line after its request line (e.g. ``Authorization``)."""
+    line, _, rest = request.partition(b"\r\n")
+    return line + f"\r\n{name}: {value}".encode() + b"\r\n" + rest
+
+
 @dataclass
 class LoadResult:
     clients: int
