@@ -19,7 +19,7 @@ from pydantic.fields import FieldInfo
 from finetune import FinetuneConfig
 
 from .common import F, echo_json, handle_errors, open_registry
-from .remote import local_version, publish, registry_option
+from .remote import check_remote, local_version, publish, registry_option
 
 # What the command line adds to a config field: a metavar, or a stricter type (a folder that must exist).
 _CLI_EXTRAS: dict[str, dict[str, Any]] = {
@@ -132,6 +132,7 @@ def finetune_cmd(data_dir: Path, as_json: bool, nproc_per_node: int, registry_ur
 
     if not as_json:
         click.echo(f"fine-tuning {config.backbone} on {data_dir} ({config.mode}) ...", err=True)
+    check_remote(registry_url)
     for backbone in _remote_backbones(config.backbone, registry_url):
         local_version(backbone, registry_url)  # only the remote registry has it: pulled and verified
     if nproc_per_node > 1:

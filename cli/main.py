@@ -16,7 +16,7 @@ from models.inference import DEFAULT_TOP_K
 
 from .common import Deferred, SettingOption, echo_json, handle_errors, open_registry
 from .registry import models_group
-from .remote import local_version, publish, registry_option
+from .remote import check_remote, local_version, publish, registry_option
 from .serve import serve_cmd
 
 
@@ -171,6 +171,7 @@ def export_cmd(
         from models.registry import validate_name
 
         validate_name(as_name)
+    check_remote(registry_url)
     if quantize and precision != "fp32":
         raise click.UsageError(
             "--quantize int8 and --precision fp16 are two different versions: make them one at a time"

@@ -31,6 +31,17 @@ def registry_for(url: str | None) -> Registry | RemoteRegistry:
     return RemoteRegistry(chosen)
 
 
+def check_remote(url: str | None) -> None:
+    """Open the remote registry a command will publish to, if there is one, before any work: a bad
+    URL or missing credentials fail at once, not after an export or a training run."""
+    from models import get_settings
+    from models.remote import RemoteRegistry
+
+    chosen = url if url is not None else get_settings().registry_url
+    if chosen:
+        RemoteRegistry(chosen)
+
+
 def publish(stored: StoredVersion, url: str | None, *, quiet: bool) -> None:
     """Push a version just registered in the local store to the remote registry, when there is one
     (``url``, else ``BACKBONES_REGISTRY_URL``): `export`, conversions and `finetune` publish this way."""

@@ -351,6 +351,8 @@ def open_store(url: str) -> Store:
             f"registry URL {display}: unknown scheme {scheme!r}; use s3://bucket/prefix, file:///path, or "
             "another fsspec protocol whose package is installed"
         ) from None
+    except OSError as e:  # protocols that connect when opened (ftp, sftp, ...): unreachable
+        raise RegistryError(f"registry URL {display}: cannot connect ({type(e).__name__}: {e})") from None
     if scheme in ("s3", "s3a"):
         _quiet_request_logs()
         if not root.strip("/"):

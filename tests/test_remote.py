@@ -490,3 +490,14 @@ def test_finetune_publishes_to_the_remote(run_cli, s3_url: str, tmp_path: Path) 
     tag = json.loads(proc.stdout)["model"]
     remote = [r["tag"] for r in json.loads(run_cli("models", "list", "tinyft", "--json", "--registry", s3_url).stdout)]
     assert remote == [tag]
+
+
+@pytest.mark.parametrize("url", ["s3://", "ftp://unreachable.invalid/x"])
+def test_a_bad_remote_fails_before_any_work(run_cli, url: str) -> None:  # type: ignore[no-untyped-def]
+    """`export --registry` with a URL that cannot be used fails in one line before exporting:
+    nothing is registered locally and nothing is half-published."""
+    proc = run_cli("export", "tiny_cnn", "--registry", url)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: registry URL")
+    assert "exporting" not in proc.stderr
+    assert json.loads(run_cli("models", "list", "--json").stdout) == []
