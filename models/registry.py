@@ -158,6 +158,24 @@ def _write_bento_model_yaml(folder: Path, name: str, version: str, spec: Version
     Model.from_path(folder)  # raises if BentoML cannot read what was written
 
 
+def release_for_deletion(registry: Any, ref: str, *, force: bool, where: str = "") -> tuple[str, str]:
+    """The ``(name, version)`` a delete of ``ref`` removes, after the aliases pointing to it are
+    removed (``force``) or the delete is refused; shared by the local and the remote registry."""
+    r = Ref.parse(ref)
+    if not r.version and not r.alias:
+        raise RegistryError(f"name a version to delete: {r.name}:<version> or {r.name}@<alias>")
+    name, version = registry.resolve(r)
+    pointing = sorted(a for a, v in registry.aliases(name).items() if v == version)
+    if pointing and not force:
+        raise RegistryError(
+            f"{name}:{version} is the target of alias {', '.join(pointing)}{where}; move the alias first "
+            f"(backbones models alias {name}:<other version> {pointing[0]}) or pass --force"
+        )
+    for a in pointing:
+        registry.remove_alias(name, a)
+    return name, version
+
+
 def apply_alias_change(
     doc: dict[str, Any], name: str, alias: str, version: str | None, *, where: str = "", **extra: Any
 ) -> dict[str, Any]:
@@ -500,18 +518,7 @@ class Registry:
     def delete(self, ref: str, *, force: bool = False) -> str:
         """Delete one version. A version an alias points to is kept unless ``force`` (which also
         removes those aliases, recorded in their history). Returns the deleted tag."""
-        r = Ref.parse(ref)
-        if not r.version and not r.alias:
-            raise RegistryError(f"name a version to delete: {r.name}:<version> or {r.name}@<alias>")
-        name, version = self.resolve(r)
-        pointing = sorted(a for a, v in self.aliases(name).items() if v == version)
-        if pointing and not force:
-            raise RegistryError(
-                f"{name}:{version} is the target of alias {', '.join(pointing)}; move the alias first "
-                f"(backbones models alias {name}:<other version> {pointing[0]}) or pass --force"
-            )
-        for a in pointing:
-            self.remove_alias(name, a)
+        name, version = release_for_deletion(self, ref, force=force)
         self._ensure_dirs()
         trash = self._staging / f"{os.getpid()}-{uuid.uuid4().hex}"
         with self.lock(name):

@@ -40,6 +40,7 @@ from .registry import (
     _alias_doc_ok,
     _registry_name,
     apply_alias_change,
+    release_for_deletion,
     sha256_file,
     validate_name,
 )
@@ -242,18 +243,7 @@ class RemoteRegistry:
     def delete(self, ref: str, *, force: bool = False) -> str:
         """Delete one version: its commit marker first (it disappears at once), then its files.
         A version an alias points to is kept unless ``force``. Returns the deleted tag."""
-        r = Ref.parse(ref)
-        if not r.version and not r.alias:
-            raise RegistryError(f"name a version to delete: {r.name}:<version> or {r.name}@<alias>")
-        name, version = self.resolve(r)
-        pointing = sorted(a for a, v in self.aliases(name).items() if v == version)
-        if pointing and not force:
-            raise RegistryError(
-                f"{name}:{version} is the target of alias {', '.join(pointing)} in {self.url}; move the alias "
-                f"first or pass --force"
-            )
-        for a in pointing:
-            self.remove_alias(name, a)
+        name, version = release_for_deletion(self, ref, force=force, where=f" in {self.url}")
         prefix = version_prefix(name, version)
         self.store.remove([prefix + MARKER])
         self.store.remove(e.key for e in self.store.list(prefix))
