@@ -18,8 +18,6 @@ import json
 import os
 import platform
 import re
-import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -29,17 +27,12 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-import httpx
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import serve_servers
 
 ROOT = Path(__file__).resolve().parents[1]
 HOST = "127.0.0.1"
 PULLED = re.compile(r"pulled from \S+, verified and registered in ([0-9.]+) s")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return int(s.getsockname()[1])
 
 
 def start_bucket() -> tuple[subprocess.Popen[str], dict[str, str]]:
@@ -85,31 +78,15 @@ def publish(model: str, work: Path) -> tuple[str, str]:
 
 def time_to_ready(home: Path, ref: str, url: str, env: dict[str, str], log: Path) -> dict[str, Any]:
     """Start the server on ``home``; seconds until /readyz answers 200, then stop it."""
-    port = free_port()
     environ = {**os.environ, **env, "BENTOML_HOME": str(home), "BENTOML_DO_NOT_TRACK": "true"}
     environ.update(BACKBONES_REGISTRY_URL=url, BACKBONES_DRAIN_DELAY_SECONDS="0")
-    command = [sys.executable, "-m", "cli", "serve", "--host", HOST, "--port", str(port), "--model", ref]
+    server = serve_servers.backbones([ref], environ)
     started = time.monotonic()
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            command, cwd=ROOT, env=environ, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-        )
     try:
-        while True:
-            if proc.poll() is not None:
-                raise SystemExit(f"the server exited (log: {log})")
-            if time.monotonic() - started > 600:
-                raise SystemExit(f"not ready in 600 s (log: {log})")
-            try:
-                if httpx.get(f"http://{HOST}:{port}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.05)
+        server.launch(log, timeout=600)
         ready = time.monotonic() - started
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=120)
+        server.stop()
     pulls = [float(s) for s in PULLED.findall(log.read_text())]
     return {"seconds": round(ready, 2), "pull_seconds": pulls}
 
