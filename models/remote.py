@@ -142,12 +142,14 @@ class RemoteRegistry:
         names = [_registry_name(name)] if name else self.names()
         return [s for n in names for s in self.versions(n)]
 
-    def resolve(self, ref: str | Ref) -> tuple[str, str]:
-        """``(name, version)`` for a reference, by the local registry's rules."""
+    def resolve(self, ref: str | Ref, *, book: dict[str, str] | None = None) -> tuple[str, str]:
+        """``(name, version)`` for a reference, by the local registry's rules. ``book``: the aliases
+        of the name as the caller already read them, so that what it shows and what resolves agree."""
         r = Ref.parse(ref) if isinstance(ref, str) else ref
         committed = self._committed(r.name).get(r.name, set())
+        if book is None:
+            book = self.aliases(r.name) if r.alias or not r.version else {}
         if r.alias:
-            book = self.aliases(r.name)
             if r.alias not in book:
                 known = ", ".join(sorted(book)) or "none"
                 raise UnknownModelError(f"{r.name} has no alias {r.alias!r} in {self.url} (aliases: {known})")
@@ -168,7 +170,6 @@ class RemoteRegistry:
             if matches:
                 raise UnknownModelError(f"{r} is ambiguous in {self.url}: matches {', '.join(matches)}")
             raise UnknownModelError(f"{r.name} has no version {r.version!r} in {self.url}")
-        book = self.aliases(r.name)
         if book.get(PRODUCTION) in committed:
             return r.name, book[PRODUCTION]
         newest = self.versions(r.name)

@@ -135,8 +135,8 @@ class RemoteSource:
 
     def _lookup(self, ref: str) -> tuple[str, str]:
         name = Ref.parse(ref).name
-        book = self.remote.aliases(name)
-        found = self.remote.resolve(ref)
+        book = self.remote.aliases(name)  # one read: the aliases shown and the version loaded agree
+        found = self.remote.resolve(ref, book=book)
         self._books[name] = book
         return found
 
