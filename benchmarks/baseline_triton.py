@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -33,15 +34,21 @@ MODEL = "backbone"
 PACKAGES = ("nvidia-pytriton>=0.7", "onnxruntime", "pydantic", "pydantic-settings")
 
 
+def uv() -> list[str]:
+    """The uv command, as the Makefile finds it: on PATH, else the module of the system Python."""
+    found = shutil.which("uv")
+    return [found] if found else ["python3", "-m", "uv"]
+
+
 def venv_python() -> Path:
     """The Triton environment's interpreter, made on first use."""
     python = VENV / "bin" / "python"
     if not python.exists():
         import PIL
 
-        subprocess.run(["uv", "venv", "-q", "-p", sys.executable, str(VENV)], check=True)
+        subprocess.run([*uv(), "venv", "-q", "-p", sys.executable, str(VENV)], check=True)
         pkgs = [*PACKAGES, f"pillow=={PIL.__version__}"]
-        subprocess.run(["uv", "pip", "install", "-q", "--python", str(python), *pkgs], check=True)
+        subprocess.run([*uv(), "pip", "install", "-q", "--python", str(python), *pkgs], check=True)
     return python
 
 

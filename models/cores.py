@@ -7,27 +7,47 @@ callers find those out (:func:`available_cores`, :func:`models.runtime.on_gpu`).
 
 from __future__ import annotations
 
-import contextlib
+import math
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 # Each GPU worker holds a CUDA context of its own (hundreds of MB of GPU memory and start-up time).
 MAX_GPU_WORKERS = 16
 
 
-def available_cores() -> int:
-    """The cores this process may run on (its affinity), not the machine's."""
+CGROUP = Path("/sys/fs/cgroup")
+
+
+def available_cores(cgroup: Path = CGROUP) -> int:
+    """The cores this process may run on (its affinity), not the machine's, and no more than its
+    CPU quota allows: in a container with a CPU limit the affinity is still the node's cores."""
     try:
-        return len(os.sched_getaffinity(0))
+        cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
+        cores = os.cpu_count() or 1
+    quota = cpu_quota(cgroup)
+    return max(1, min(cores, math.ceil(quota))) if quota else cores
 
 
-def pin_process(cores: set[int]) -> None:
-    """Keep every thread of this process, and the threads it starts later, on ``cores``."""
-    for tid in os.listdir("/proc/self/task"):
-        with contextlib.suppress(OSError):  # a thread that has just ended
-            os.sched_setaffinity(int(tid), cores)
+def cpu_quota(cgroup: Path = CGROUP) -> float | None:
+    """The cores' worth of CPU time the cgroup grants (``cpu.max`` in cgroup v2, the CFS quota in
+    v1), or None where there is no limit or nothing to read."""
+    for quota_file, period_file in (("cpu.max", None), ("cpu/cpu.cfs_quota_us", "cpu/cpu.cfs_period_us")):
+        try:
+            fields = (cgroup / quota_file).read_text().split()
+            if period_file is not None:
+                fields.append((cgroup / period_file).read_text().strip())
+            quota, period = fields[0], float(fields[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        if quota in ("max", "-1") or period <= 0:
+            return None
+        try:
+            return max(float(quota), 0.0) / period or None
+        except ValueError:
+            return None
+    return None
 
 
 @dataclass(frozen=True)
@@ -98,13 +118,15 @@ def plan_serving(
 ) -> ServingPlan:
     """The serving layout on ``cores`` cores; each number given (not 0) wins.
 
-    One worker process per core, each with its share of the cores laid out by :func:`ort_layout`
-    and one decode thread per core it has: in one process, HTTP parsing, decoding and the batcher
-    share one interpreter lock, so processes beat threads (docs/benchmarks.md). With a GPU the
-    cores are left with HTTP and decoding, the same work per process: one worker per core there
-    too, at most :data:`MAX_GPU_WORKERS`."""
+    On a CPU, one worker process per core (in one process, HTTP parsing, decoding and the batcher
+    share one interpreter lock, so processes beat threads), each laid out for the whole machine by
+    :func:`ort_layout` with a decode thread per core, and none pinned: a keep-alive connection stays
+    on the worker that accepted it, so however the connections land, a worker that has work can use
+    every core, and the scheduler shares them when every worker has some (docs/benchmarks.md). With
+    a GPU the cores are left with HTTP and decoding: one worker per core there too, at most
+    :data:`MAX_GPU_WORKERS`, each with its share of the cores."""
     workers = workers or (min(MAX_GPU_WORKERS, cores) if gpu else cores)
-    per_worker = max(1, cores // workers)
+    per_worker = max(1, cores // workers) if gpu else cores
     layout = ort_layout(per_worker, gpu=gpu, runners=runners, threads=threads)
     return ServingPlan(
         workers=workers,

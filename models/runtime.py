@@ -7,7 +7,6 @@ import ctypes
 import functools
 import io
 import logging
-import os
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -20,7 +19,6 @@ import numpy as np
 import onnxruntime as ort
 
 from .cores import ServingPlan, available_cores, plan_serving
-from .cores import pin_process as pin_process  # where the service finds it
 from .settings import ProviderChoice, Settings, get_settings
 from .spec import INPUT_NAME, OUTPUT_NAMES
 
@@ -123,20 +121,6 @@ def serving_plan(settings: Settings) -> ServingPlan:
         threads=settings.intra_op_threads,
         decode_threads=settings.decode_threads,
     )
-
-
-def worker_cores(settings: Settings, worker_index: int | None) -> set[int] | None:
-    """The one core a serving worker keeps to (``worker_index`` counts from 1), or None to leave
-    the scheduler free: only on a CPU, with ``pin_workers`` on and one worker per available core."""
-    if not settings.pin_workers or worker_index is None or worker_index < 1 or on_gpu(settings):
-        return None
-    try:
-        cores = sorted(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return None
-    if serving_plan(settings).workers != len(cores) or len(cores) < 2:
-        return None
-    return {cores[(worker_index - 1) % len(cores)]}
 
 
 def select_providers(

@@ -84,13 +84,14 @@ class Settings(BaseSettings):
         ge=0,
         description="Server worker processes. 0 = as models.runtime.serving_plan lays them out: one per "
         "available core, on a GPU machine too (capped there: each worker holds a CUDA context and "
-        "sessions of its own).",
+        "sessions of its own). On a CPU each worker may use every core, whichever worker the "
+        "connections land on.",
     )
     runners: int = Field(
         default=0,
         ge=0,
         description="ONNX Runtime calls one served model runs at once in each worker. 0 = one per "
-        "core the worker has on a CPU (each on one intra-op thread), 1 on a GPU.",
+        "available core on a CPU (each on one intra-op thread), 1 on a GPU.",
     )
     queue_limit: int = Field(
         default=128,
@@ -98,17 +99,15 @@ class Settings(BaseSettings):
         description="Requests admitted per model (decoding, queued or running); more get 503 with Retry-After.",
     )
     decode_threads: int = Field(
-        default=0, ge=0, description="Threads decoding uploads in each worker; 0 = one per core the worker has."
+        default=0,
+        ge=0,
+        description="Threads decoding uploads in each worker; 0 = one per available core on a CPU, "
+        "the worker's share of the cores with a GPU.",
     )
     access_log: bool = Field(
         default=False,
         description="Log one line per request (BentoML's access log). Off by default: at hundreds of "
         "requests/s it costs CPU that inference needs; /metrics counts every request by outcome.",
-    )
-    pin_workers: bool = Field(
-        default=True,
-        description="On a CPU, when there is one worker per available core, keep each worker's threads "
-        "on its own core (fewer migrations and cache refills).",
     )
     trace_requests: bool = Field(
         default=False,

@@ -23,10 +23,9 @@ import logging
 from typing import Any
 
 import bentoml
-from bentoml._internal.context import server_context
 
 from models import Settings, get_settings
-from models.runtime import pin_process, serving_plan, worker_cores
+from models.runtime import serving_plan
 
 from . import transport
 from .auth import AuthMiddleware, load_key_digests
@@ -75,10 +74,6 @@ class Backbones:
         transport.install(_settings)  # uvicorn opens its listener after this hook
         if _digests:
             log.info("API keys required (%d configured) on every path but %s", len(_digests), _settings.auth_open_paths)
-        cores = worker_cores(_settings, server_context.worker_index)
-        if cores is not None:
-            pin_process(cores)
-            log.info("worker %s keeps to core %s", server_context.worker_index, ",".join(map(str, sorted(cores))))
         await self.pool.start()
 
     @bentoml.on_shutdown
