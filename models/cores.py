@@ -36,17 +36,13 @@ def cpu_quota(cgroup: Path = CGROUP) -> float | None:
     for quota_file, period_file in (("cpu.max", None), ("cpu/cpu.cfs_quota_us", "cpu/cpu.cfs_period_us")):
         try:
             fields = (cgroup / quota_file).read_text().split()
-            if period_file is not None:
-                fields.append((cgroup / period_file).read_text().strip())
-            quota, period = fields[0], float(fields[1])
-        except (OSError, IndexError, ValueError):
+            period = fields[1] if period_file is None else (cgroup / period_file).read_text()
+            if fields[0] in ("max", "-1"):
+                return None
+            share = float(fields[0]) / float(period)
+        except (OSError, IndexError, ValueError, ZeroDivisionError):
             continue
-        if quota in ("max", "-1") or period <= 0:
-            return None
-        try:
-            return max(float(quota), 0.0) / period or None
-        except ValueError:
-            return None
+        return share if share > 0 else None
     return None
 
 
@@ -105,12 +101,15 @@ def batch_plan(
 @dataclass(frozen=True)
 class ServingPlan:
     """How a service spreads over the machine: worker processes, and in each worker the ONNX
-    Runtime calls that run at once (runners), their intra-op threads, and the decode threads."""
+    Runtime calls that run at once (runners), their intra-op threads, and the decode threads; a
+    call that runs alone (one request, every runner idle) takes ``lone_call_threads`` where that is
+    not 0 (a session of its own)."""
 
     workers: int
     runners: int
     intra_op_threads: int
     decode_threads: int
+    lone_call_threads: int = 0
 
 
 def plan_serving(
@@ -124,13 +123,18 @@ def plan_serving(
     on the worker that accepted it, so however the connections land, a worker that has work can use
     every core, and the scheduler shares them when every worker has some (docs/benchmarks.md). With
     a GPU the cores are left with HTTP and decoding: one worker per core there too, at most
-    :data:`MAX_GPU_WORKERS`, each with its share of the cores."""
+    :data:`MAX_GPU_WORKERS`, each with its share of the cores.
+
+    A lone request on a CPU runs on every core (a second session, ``lone_call_threads``): one
+    single-threaded call would take nearly twice as long on two cores (docs/benchmarks.md)."""
     workers = workers or (min(MAX_GPU_WORKERS, cores) if gpu else cores)
     per_worker = max(1, cores // workers) if gpu else cores
     layout = ort_layout(per_worker, gpu=gpu, runners=runners, threads=threads)
+    lone = per_worker if not gpu and not threads and layout.threads < per_worker else 0
     return ServingPlan(
         workers=workers,
         runners=layout.runners,
         intra_op_threads=layout.threads,
         decode_threads=decode_threads or per_worker,
+        lone_call_threads=lone,
     )

@@ -108,15 +108,23 @@ class InferenceModel:
         threads: int | None = None,
         preflight: bool = True,
         memo_dir: Path | None = None,
+        lone_threads: int = 0,
     ) -> None:
         """The version's graph goes through :func:`open_version` (checked in a child process on
         the providers it will run on, then loaded from the very bytes that were hashed);
-        ``preflight=False`` is for graphs this process has just made and checked itself."""
+        ``preflight=False`` is for graphs this process has just made and checked itself.
+        ``lone_threads``: a second session on that many threads for calls that run alone
+        (:meth:`run_alone`; models.cores.plan_serving)."""
         settings = settings or get_settings()
         self.stored = stored
         self.spec: VersionSpec = stored.spec
         self.tag = stored.spec.tag
         self.session = open_version(stored, settings=settings, threads=threads, preflight=preflight, memo_dir=memo_dir)
+        self.lone_session = (
+            open_version(stored, settings=settings, threads=lone_threads, preflight=False)  # checked just above
+            if lone_threads and lone_threads != threads
+            else self.session
+        )
         self.loader = ImageLoader(
             self.spec.preprocess, max_pixels=settings.max_image_pixels, draft=settings.draft_decoding
         )
@@ -130,6 +138,7 @@ class InferenceModel:
         settings: Settings | None = None,
         threads: int | None = None,
         preflight: bool = True,
+        lone_threads: int = 0,
     ) -> InferenceModel:
         """Load ``ref`` (checksums verified); a catalog name with no version yet is exported first."""
         from .export import ensure_version
@@ -137,11 +146,20 @@ class InferenceModel:
         registry = registry or Registry(settings=settings)
         stored = ensure_version(ref, registry)
         return cls(
-            stored, settings=settings, threads=threads, preflight=preflight, memo_dir=registry.own_dir(PREFLIGHT_DIR)
+            stored,
+            settings=settings,
+            threads=threads,
+            preflight=preflight,
+            memo_dir=registry.own_dir(PREFLIGHT_DIR),
+            lone_threads=lone_threads,
         )
 
     def run(self, batch: np.ndarray) -> Outputs:
         return self.session.run(batch)
+
+    def run_alone(self, batch: np.ndarray) -> Outputs:
+        """As :meth:`run`, for a call nothing else runs beside: on the session with more threads."""
+        return self.lone_session.run(batch)
 
     def classify(self, sources: Sequence[Source], k: int = DEFAULT_TOP_K) -> list[list[Prediction]]:
         return top_k(self.run(self.loader.batch(sources)).logits, self.spec.labels, k)

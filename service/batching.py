@@ -2,7 +2,8 @@
 
 Up to ``runners`` batches run at once (ONNX Runtime sessions take concurrent calls). Requests that
 arrive while every runner is busy form the next batch (up to ``max_batch_size``): a lone request
-runs at once, a crowd is served in full batches, and no request waits for a timer, so nothing is
+runs at once (through ``run_alone`` when given: a session with more threads, since nothing runs
+beside it), a crowd is served in full batches, and no request waits for a timer, so nothing is
 shed below capacity. :func:`calibrate_batch_size` picks ``max_batch_size`` from measured batch
 times when a model loads.
 Admission is bounded: beyond ``queue_limit`` requests in flight, :class:`OverloadedError` is raised at
@@ -77,12 +78,14 @@ def calibrate_batch_size(
 
 
 class MicroBatcher:
-    """Batches single preprocessed images for ``run``, called in up to ``runners`` threads at once."""
+    """Batches single preprocessed images for ``run``, called in up to ``runners`` threads at once;
+    a batch that starts while no other runs goes to ``run_alone`` where given."""
 
     def __init__(
         self,
         run: Callable[[np.ndarray], Outputs],
         *,
+        run_alone: Callable[[np.ndarray], Outputs] | None = None,
         max_batch_size: int,
         queue_limit: int,
         runners: int = 1,
@@ -90,6 +93,7 @@ class MicroBatcher:
         name: str = "model",
     ) -> None:
         self._run = run
+        self._run_alone = run_alone or run
         self.max_batch_size = max_batch_size
         self.queue_limit = queue_limit
         self.runners = runners
@@ -138,7 +142,8 @@ class MicroBatcher:
             if not items:
                 free.release()
                 continue
-            task = asyncio.get_running_loop().create_task(self._run_batch(items))
+            run = self._run_alone if not self._running else self._run
+            task = asyncio.get_running_loop().create_task(self._run_batch(items, run))
             self._running.add(task)
 
             def finished(t: asyncio.Task[None]) -> None:
@@ -147,11 +152,11 @@ class MicroBatcher:
 
             task.add_done_callback(finished)
 
-    async def _run_batch(self, items: list[_Item]) -> None:
+    async def _run_batch(self, items: list[_Item], run: Callable[[np.ndarray], Outputs]) -> None:
         start = time.perf_counter()
         try:
             batch = np.stack([it.array for it in items])
-            out = await asyncio.get_running_loop().run_in_executor(self._executor, self._run, batch)
+            out = await asyncio.get_running_loop().run_in_executor(self._executor, run, batch)
         except Exception as e:  # a failed batch fails its requests, not the loop
             log.exception("inference failed for a batch of %d", len(items))
             for it in items:

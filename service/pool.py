@@ -147,9 +147,11 @@ class ModelPool:
         runners, threads = plan.runners, plan.intra_op_threads
         # preflight: a file that would crash ONNX Runtime crashes a child process, not this server
         model = (
-            InferenceModel(stored, settings=self.settings, threads=threads, preflight=True)
+            InferenceModel(
+                stored, settings=self.settings, threads=threads, preflight=True, lone_threads=plan.lone_call_threads
+            )
             if stored is not None
-            else self.source.open(ref, settings=self.settings, threads=threads)
+            else self.source.open(ref, settings=self.settings, threads=threads, lone_threads=plan.lone_call_threads)
         )
         batch_size, rates = self.settings.max_batch_size, dict[int, float]()
         if not batch_size:
@@ -157,10 +159,11 @@ class ModelPool:
         if model.session.pad_batches:  # every padded shape is warm before the first request
             model.session.warmup_batches(batch_size)
         log.warning(
-            "%s: %d runner(s) x %d thread(s), batches of up to %d%s",
+            "%s: %d runner(s) x %d thread(s)%s, batches of up to %d%s",
             model.tag,
             runners,
             threads,
+            f" (alone: {plan.lone_call_threads} threads)" if plan.lone_call_threads else "",
             batch_size,
             f" (measured images/s by batch size: {', '.join(f'{k}: {v:.0f}' for k, v in rates.items())})"
             if rates
@@ -177,6 +180,7 @@ class ModelPool:
 
         batcher = MicroBatcher(
             model.run,
+            run_alone=model.run_alone,
             max_batch_size=batch_size,
             queue_limit=self.settings.queue_limit,
             runners=runners,

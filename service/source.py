@@ -45,7 +45,7 @@ class ModelSource(Protocol):
 
     def get(self, ref: str) -> StoredVersion: ...
 
-    def open(self, ref: str, *, settings: Settings, threads: int) -> InferenceModel: ...
+    def open(self, ref: str, *, settings: Settings, threads: int, lone_threads: int = 0) -> InferenceModel: ...
 
 
 class SourceUnavailableError(RegistryError):
@@ -75,9 +75,11 @@ class LocalSource:
     def get(self, ref: str) -> StoredVersion:
         return self.registry.get(ref)
 
-    def open(self, ref: str, *, settings: Settings, threads: int) -> InferenceModel:
+    def open(self, ref: str, *, settings: Settings, threads: int, lone_threads: int = 0) -> InferenceModel:
         """A catalog name with no version yet is exported on first use."""
-        return InferenceModel.load(ref, registry=self.registry, settings=settings, threads=threads, preflight=True)
+        return InferenceModel.load(
+            ref, registry=self.registry, settings=settings, threads=threads, preflight=True, lone_threads=lone_threads
+        )
 
 
 @dataclass
@@ -175,11 +177,16 @@ class RemoteSource:
             )
         return stored
 
-    def open(self, ref: str, *, settings: Settings, threads: int) -> InferenceModel:
+    def open(self, ref: str, *, settings: Settings, threads: int, lone_threads: int = 0) -> InferenceModel:
         """The first load of ``ref``: resolved in the bucket, pulled, preflighted (the pool retries
         a failure with its own backoff, so this always asks the bucket)."""
         name, version = self._lookup(ref)
         stored = self.get(f"{name}:{version}")
         return InferenceModel(
-            stored, settings=settings, threads=threads, preflight=True, memo_dir=self.local.own_dir(PREFLIGHT_DIR)
+            stored,
+            settings=settings,
+            threads=threads,
+            preflight=True,
+            memo_dir=self.local.own_dir(PREFLIGHT_DIR),
+            lone_threads=lone_threads,
         )
