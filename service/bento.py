@@ -23,6 +23,7 @@ import logging
 from typing import Any
 
 import bentoml
+from bentoml._internal.context import server_context
 
 from models import Settings, get_settings
 from models.runtime import serving_plan
@@ -71,13 +72,14 @@ class Backbones:
     @bentoml.on_startup
     async def load_models(self) -> None:
         _drain.install()  # uvicorn's signal handlers are in place by now: take SIGTERM over
-        transport.install(_settings)  # uvicorn opens its listener after this hook
+        transport.install(_settings, server_context.worker_index)  # uvicorn opens its listener after this hook
         if _digests:
             log.info("API keys required (%d configured) on every path but %s", len(_digests), _settings.auth_open_paths)
         await self.pool.start()
 
     @bentoml.on_shutdown
     async def stop(self) -> None:
+        transport.uninstall()
         await self.pool.close()
 
     async def __is_ready__(self) -> bool:

@@ -16,7 +16,9 @@ listener, and replaces the protocol class uvicorn builds connections with by
 - what the HTTP parser refuses (bad request lines, conflicting ``Content-Length`` and
   ``Transfer-Encoding``, bad chunk sizes) gets uvicorn's 400, as JSON;
 
-each with ``connection: close``. It also puts :class:`service.paths.RouteLabels` in front of the
+each with ``connection: close``. The protocol also keeps the worker's count of connections on the
+board the workers share (service/balance.py), and closes a keep-alive connection after its
+request while this worker holds more than its share. It also puts :class:`service.paths.RouteLabels` in front of the
 whole app, ahead of BentoML's metrics.
 """
 
@@ -32,7 +34,9 @@ from typing import Any, ClassVar
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
 from models import Settings
+from models.runtime import serving_plan
 
+from .balance import ConnectionBoard
 from .drain import Receive, Scope, Send
 from .limits import RETRY_AFTER_BUSY_SECONDS
 from .paths import RouteLabels
@@ -98,6 +102,7 @@ class GuardedProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol with the limits of the module docstring."""
 
     limits: ClassVar[TransportLimits | None] = None  # set by install()
+    board: ClassVar[ConnectionBoard | None] = None  # set by install() where there are workers to balance
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -146,10 +151,14 @@ class GuardedProtocol(HttpToolsProtocol):
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         self._arm()
+        if self.board is not None:
+            self.board.publish(len(self.connections))
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
         super().connection_lost(exc)
+        if self.board is not None:
+            self.board.publish(len(self.connections))
 
     def data_received(self, data: bytes) -> None:
         if self.in_head:
@@ -195,6 +204,8 @@ class GuardedProtocol(HttpToolsProtocol):
         if len(self.connections) > self.bounds.max_connections:
             self.app = too_many_connections  # this connection answers 503 once, then closes
         super().on_headers_complete()
+        if self.board is not None and self.cycle is not None and self.board.over_share(len(self.connections)):
+            self.cycle.keep_alive = False  # answered, then closed: the client reconnects, most often elsewhere
 
     def on_message_complete(self) -> None:
         super().on_message_complete()
@@ -207,9 +218,10 @@ def running_server() -> Any:
     return server if hasattr(server, "config") and hasattr(server, "server_state") else None
 
 
-def install(settings: Settings) -> bool:
+def install(settings: Settings, worker_index: int | None = None) -> bool:
     """Put the limits in place in this worker's uvicorn server; call from a start-up hook (the
-    listener opens after it). False, with a warning, where there is no uvicorn server to change."""
+    listener opens after it). ``worker_index``: BentoML's number of this worker (from 1), for the
+    connection board. False, with a warning, where there is no uvicorn server to change."""
     server = running_server()
     config = getattr(server, "config", None)
     if config is None:
@@ -220,7 +232,15 @@ def install(settings: Settings) -> bool:
         log.warning("uvicorn runs %s, not httptools: connection and header limits are not in place", base)
     else:
         GuardedProtocol.limits = TransportLimits.of(settings)
+        GuardedProtocol.board = ConnectionBoard.for_worker(serving_plan(settings).workers, worker_index)
         config.http_protocol_class = GuardedProtocol
     if not isinstance(config.loaded_app, RouteLabels):
         config.loaded_app = RouteLabels(config.loaded_app, routes=config.app.routes)
     return True
+
+
+def uninstall() -> None:
+    """Give up this worker's place on the connection board (a shutdown hook)."""
+    board, GuardedProtocol.board = GuardedProtocol.board, None
+    if board is not None:
+        board.close()
