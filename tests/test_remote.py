@@ -13,6 +13,7 @@ import sys
 import time
 import uuid
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
@@ -23,7 +24,9 @@ from models.spec import ONNX_FILENAME, SPEC_FILENAME, WEIGHTS_FILENAME
 from models.transfer import MARKER
 
 from .conftest import ROOT
-from .s3server import S3Server
+
+if TYPE_CHECKING:
+    from .s3server import S3Server
 
 pytest_plugins = ("tests.s3server",)  # the session's S3 server: the fixture ``s3``
 pytestmark = pytest.mark.slow

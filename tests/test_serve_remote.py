@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 import pytest
@@ -29,9 +29,11 @@ from models.export import export_catalog
 from models.remote import RemoteRegistry
 
 from .conftest import ROOT, jpeg_bytes
-from .s3server import S3Server
 from .serving import Server, free_port, start_server, stop_server
 from .test_remote import tamper
+
+if TYPE_CHECKING:
+    from .s3server import S3Server
 
 pytest_plugins = ("tests.s3server",)  # the session's S3 server: the fixture ``s3``
 pytestmark = pytest.mark.slow
