@@ -3,7 +3,7 @@ from an empty local store (resolve the alias in the bucket, pull, check every fi
 register with its preflight, load, measure the batch size, warm up) beside a restart on the
 cache the first start left (no download; the checks and the warm-up again), in one run.
 
-The bucket is moto's S3 server on this machine (tests/s3_server.py), so the download is a local
+The bucket is moto's S3 server on this machine (tests/s3server.py), so the download is a local
 copy: over a real network add the model's size divided by the bandwidth to the cold figure.
 Each round starts `backbones serve --model NAME@production` once on a fresh store, then once more
 on the store that start filled; seconds from the process start to the first 200 from /readyz.
@@ -19,7 +19,6 @@ import os
 import platform
 import re
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -28,33 +27,12 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests.s3server: the S3 server the tests use
 import serve_servers
 
-ROOT = Path(__file__).resolve().parents[1]
-HOST = "127.0.0.1"
+from tests.s3server import serve
+
 PULLED = re.compile(r"pulled from \S+, verified and registered in ([0-9.]+) s")
-
-
-def start_bucket() -> tuple[subprocess.Popen[str], dict[str, str]]:
-    """moto's S3 server, and the environment that reaches it (fake credentials)."""
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "tests.s3_server"],
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-    )
-    assert proc.stdout is not None
-    env = {
-        "AWS_ACCESS_KEY_ID": "bench",
-        "AWS_SECRET_ACCESS_KEY": "bench",
-        "AWS_DEFAULT_REGION": "us-east-1",
-        "AWS_ENDPOINT_URL": f"http://{HOST}:{int(proc.stdout.readline())}",
-        "AWS_CONFIG_FILE": os.devnull,
-        "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
-    }
-    os.environ.update(env)
-    return proc, env
 
 
 def publish(model: str, work: Path) -> tuple[str, str]:
@@ -98,8 +76,8 @@ def main() -> None:
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
 
-    moto, env = start_bucket()
-    try:
+    with serve() as bucket:
+        env = bucket.env
         with tempfile.TemporaryDirectory(prefix="bench-cold-") as tmp:
             work = Path(tmp)
             url, tag = publish(args.model, work)
@@ -116,9 +94,6 @@ def main() -> None:
                         f"warm cache {warm['seconds']:.1f} s (downloads: {len(warm['pull_seconds'])})",
                         flush=True,
                     )
-    finally:
-        moto.kill()
-        moto.wait()
     cold_s = statistics.median(r["cold"]["seconds"] for r in rounds)
     warm_s = statistics.median(r["warm"]["seconds"] for r in rounds)
     summary = {

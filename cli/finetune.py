@@ -21,12 +21,30 @@ from finetune import FinetuneConfig
 from .common import F, echo_json, handle_errors, open_registry
 from .remote import check_remote, local_version, publish, registry_option
 
+
+class DatasetLocation(click.ParamType):
+    """A local folder or file that exists (a Path), or an object store URL (``s3://bucket/prefix``,
+    checked for its scheme, bucket and the absence of credentials; listed when the run starts)."""
+
+    name = "path"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Path | str:
+        from models.storage import StorageError, check_url, is_url
+
+        if isinstance(value, str) and is_url(value):
+            try:
+                return check_url(value)
+            except StorageError as e:
+                self.fail(str(e), param, ctx)
+        return click.Path(exists=True, path_type=Path).convert(value, param, ctx)  # type: ignore[no-any-return]
+
+
 # What the command line adds to a config field: a metavar, or a stricter type (a folder that must exist).
 _CLI_EXTRAS: dict[str, dict[str, Any]] = {
     "backbone": {"metavar": "REF"},
     "name": {"metavar": "NAME"},
     "promote_if_better": {"metavar": "ALIAS"},
-    "val_dir": {"type": click.Path(exists=True, path_type=Path)},
+    "val_dir": {"type": DatasetLocation()},
     "run_dir": {"type": click.Path(file_okay=False, path_type=Path)},
 }
 
@@ -82,7 +100,7 @@ def _config_options(command: F) -> F:
 
 
 @click.command("finetune")
-@click.argument("data_dir", metavar="DATA_DIR", type=click.Path(exists=True, path_type=Path))
+@click.argument("data_dir", metavar="DATA_DIR", type=DatasetLocation())
 @_config_options
 @click.option(
     "--nproc-per-node",
@@ -94,11 +112,18 @@ def _config_options(command: F) -> F:
 @registry_option
 @click.option("--json", "as_json", is_flag=True, help="Print only the final report as JSON.")
 @handle_errors
-def finetune_cmd(data_dir: Path, as_json: bool, nproc_per_node: int, registry_url: str | None, **options: Any) -> None:
+def finetune_cmd(
+    data_dir: Path | str, as_json: bool, nproc_per_node: int, registry_url: str | None, **options: Any
+) -> None:
     """Fine-tune --backbone on DATA_DIR and register the result as a new version of --name.
 
     DATA_DIR is an ImageFolder (one sub-folder per class, the folder name is the label) or a CSV
-    manifest of `path,label` rows (relative paths against the CSV's folder). Validation comes
+    manifest of `path,label` rows (relative paths against the CSV's folder), on disk or in
+    object storage: s3://bucket/prefix (each sub-prefix a class, listed recursively) or
+    s3://bucket/train.csv; a manifest's paths may be s3:// URLs. Objects are never downloaded to
+    be hashed: their features are cached under the store's checksum (ETag), so a re-run reads
+    only new or changed objects. Credentials and endpoint: the AWS variables (AWS_ENDPOINT_URL
+    for MinIO and other S3-compatible stores), AWS_PROFILE, or a workload identity. Validation comes
     from --val-dir, or from a stratified, seeded --val-fraction split of DATA_DIR. Unreadable
     files are reported and skipped; duplicates and files shared with --val-dir are left out of
     training; fewer than two classes or an empty class is an error.

@@ -5,7 +5,7 @@ and the one place for its defaults (:mod:`embed.config`); the job's types live i
 :mod:`embed.job`, below the engines (:mod:`embed.local`, :mod:`embed.ray_engine`) that the
 dispatcher chooses between. Inputs (:mod:`embed.inputs`), decoding (:mod:`embed.decode`) and the
 output (:mod:`embed.output` for the files, :mod:`embed.job_output` for a local folder or an
-object-store prefix) are shared by both engines; :mod:`embed.storage` reads objects and turns an
+object-store prefix) are shared by both engines; :mod:`models.storage` reads objects and turns an
 object store's failures into one clear line.
 """
 

@@ -26,9 +26,9 @@ from pathlib import Path
 from typing import Any
 
 from models.files import pid_alive
+from models.storage import bucket_of, describe, store_errors
 
 from .output import OutputError
-from .storage import bucket_of, describe, store_errors
 
 log = logging.getLogger(__name__)
 

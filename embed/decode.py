@@ -22,9 +22,9 @@ import numpy as np
 from models.errors import ImageError
 from models.preprocess import ImageLoader
 from models.spec import Preprocess
+from models.storage import StorageError
 
 from .reads import read_ahead, warm_up
-from .storage import StorageError
 
 
 @dataclass(frozen=True)
@@ -64,7 +64,7 @@ def decode_chunk(
     sources: Iterator[Callable[[], Any]] | None = None,
 ) -> Decoded:
     """Decode and preprocess ``paths``; an unreadable image is recorded, never raised (an object
-    store that fails as a whole raises :class:`embed.storage.StorageError`).
+    store that fails as a whole raises :class:`models.storage.StorageError`).
 
     ``out``: an array of at least ``len(paths)`` images to decode into (the readable ones go
     first, in order); ``pixels`` is then a view of it. ``sources``: ``read_ahead(paths)`` begun

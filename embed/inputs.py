@@ -21,12 +21,19 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
-from urllib.parse import urlsplit
 
 from models.errors import BackbonesError
 from models.imaging import IMAGE_SUFFIXES, image_paths
-
-from .storage import StorageError, check_url, describe, filesystem, is_url, open_binary, reporting
+from models.storage import (
+    StorageError,
+    check_url,
+    describe,
+    filesystem,
+    is_url,
+    open_binary,
+    reporting,
+    resolve_location,
+)
 
 log = logging.getLogger(__name__)
 
@@ -144,21 +151,10 @@ def _images_under(fs: Any, prefix: str) -> list[Item]:
 
 def _resolve(value: str, base: str, manifest: str, where: str) -> str:
     """A manifest's path: a URL as it is, a relative path against the manifest's folder or prefix."""
-    if is_url(value):
-        try:
-            check_url(value)
-        except StorageError as e:
-            raise ManifestError(f"{manifest}: {where}: {e}") from None
-        return value
-    if is_url(base):  # keys have no '..': resolve it here, as a folder would
-        parts = urlsplit(base)
-        return (
-            value
-            if value.startswith("/")
-            else f"{parts.scheme}://{parts.netloc}{posixpath.normpath(posixpath.join(parts.path or '/', value))}"
-        )
-    rel = Path(value)
-    return str(rel if rel.is_absolute() else Path(base) / rel)
+    try:
+        return resolve_location(value, base)
+    except StorageError as e:
+        raise ManifestError(f"{manifest}: {where}: {e}") from None
 
 
 def read_manifest(manifest: Path | str, *, path_column: str = "path", id_column: str = "id") -> list[Item]:

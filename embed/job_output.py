@@ -21,6 +21,8 @@ from typing import Any, Protocol
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from models.storage import is_url
+
 from .output import (
     ERRORS,
     FRAGMENTS,
@@ -35,7 +37,6 @@ from .output import (
 )
 from .output_bucket import BucketFolder
 from .output_local import LocalFolder
-from .storage import is_url
 
 
 class Folder(Protocol):

@@ -19,12 +19,12 @@ import numpy as np
 from models import InferenceModel, get_settings
 from models.cores import BatchPlan, available_cores, batch_plan
 from models.runtime import ConcurrentRunner, on_gpu
+from models.storage import first_url
 
 from . import output as out_
 from .decode import Decoded
 from .decode_pool import DecodePool
 from .job import EmbedJob, EngineStats, Shard
-from .storage import first_url
 
 
 @dataclass

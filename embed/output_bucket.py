@@ -1,6 +1,6 @@
 """A job's output folder as a prefix in an object store (``s3://bucket/prefix``): every file is
 one whole object (nothing to rename: a reader sees all of an object or none of it; written with
-Arrow's S3 file system, see :mod:`embed.storage`), and a lock object while a job writes
+Arrow's S3 file system, see :mod:`models.storage`), and a lock object while a job writes
 (:mod:`embed.bucket_lock`). See :mod:`embed.job_output` for what is written in which order."""
 
 from __future__ import annotations
@@ -11,9 +11,10 @@ from typing import Any
 
 import pyarrow as pa
 
+from models.storage import arrow_error, arrow_fs, check_url, describe, filesystem, reporting
+
 from .bucket_lock import bucket_lock
 from .output import LOCK, OutputError, write_parquet
-from .storage import arrow_error, arrow_fs, check_url, describe, filesystem, reporting
 
 
 class BucketFolder:

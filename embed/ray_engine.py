@@ -38,12 +38,12 @@ import pyarrow as pa
 from models.cores import batch_plan, ort_layout
 from models.errors import BackbonesError
 from models.spec import ONNX_FILENAME
+from models.storage import first_url, is_url
 
 from . import output as out_
 from .config import RAY_CPUS_PER_ACTOR, RAY_GPU_DECODE_THREADS
 from .ray_actor import ShardEmbedder
 from .ray_sink import ShardLayout, datasink_class
-from .storage import first_url, is_url
 
 if TYPE_CHECKING:
     from .job import EmbedJob, EngineStats, Shard

@@ -1,6 +1,6 @@
 """Reading the images' bytes for the decoders (local engine workers, Ray actors), ahead of them.
 
-Objects are read with Arrow's S3 file system (:func:`embed.storage.arrow_fs`): a read takes much
+Objects are read with Arrow's S3 file system (:func:`models.storage.read_object`): a read takes much
 less CPU than one through botocore and holds no Python lock while it waits, so reads overlap
 decoding in the same process. It asks for the object's size first (two requests per image).
 Each process makes its own reading threads.
@@ -17,9 +17,8 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
-from models.errors import BackbonesError, ImageError
-
-from .storage import StorageError, arrow_error, arrow_fs, is_url
+from models.errors import BackbonesError
+from models.storage import arrow_fs, is_url, read_object
 
 READ_AHEAD = 16  # objects read at once for one decoding thread or process, ahead of the one it decodes
 
@@ -49,7 +48,7 @@ def read_ahead(paths: Sequence[str]) -> Iterator[Callable[[], Any]]:
     is, an object's bytes. The first :data:`READ_AHEAD` objects are requested at once (before the
     first call), the next ones as the caller moves on. A missing or forbidden object raises
     :class:`models.errors.ImageError` (that image fails); any other failure of the store raises
-    :class:`embed.storage.StorageError` (the job stops)."""
+    :class:`models.storage.StorageError` (the job stops)."""
     pending: deque[tuple[str, Future[bytes] | None]] = deque()
     upcoming = iter(paths)
 
@@ -58,7 +57,7 @@ def read_ahead(paths: Sequence[str]) -> Iterator[Callable[[], Any]]:
             nxt = next(upcoming, None)
             if nxt is None:
                 return
-            pending.append((nxt, _pool().submit(_read, nxt) if is_url(nxt) else None))
+            pending.append((nxt, _pool().submit(read_object, nxt) if is_url(nxt) else None))
 
     fill()
     return _in_order(pending, fill)
@@ -73,23 +72,5 @@ def _in_order(
         yield functools.partial(_result, path, future)
 
 
-def _read(url: str) -> bytes:
-    with arrow_fs(url).open_input_stream(url.split("://", 1)[1]) as f:
-        return f.readall()  # type: ignore[no-any-return]
-
-
 def _result(path: str, future: Future[bytes] | None) -> Any:
-    if future is None:  # a local path: the loader opens it
-        return path
-    try:
-        return future.result()
-    except BackbonesError:
-        raise
-    except FileNotFoundError:
-        raise ImageError(f"no such object: {path}", kind="undecodable") from None
-    except OSError as e:
-        if "ACCESS_DENIED" in str(e) or isinstance(e, PermissionError):
-            raise ImageError(f"access denied: {path}", kind="unreadable") from None
-        if "Not a regular file" in str(e):
-            raise ImageError(f"not an object: {path}", kind="undecodable") from None
-        raise StorageError(f"cannot read {path}: {arrow_error(e)}") from None
+    return path if future is None else future.result()  # a local path: the loader opens it

@@ -11,13 +11,14 @@ package that take one of these options as a parameter default to the field's val
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PlainValidator, model_validator
 
 from models.catalog import catalog
 from models.errors import RegistryError
 from models.registry import Ref, validate_name
+from models.storage import is_url
 
 Mode = Literal["linear", "full"]
 Device = Literal["auto", "cpu", "cuda"]
@@ -30,6 +31,20 @@ AUTO_BACKBONE = "auto"
 # AdamW's weight decay in the full fine-tune when ``weight_decay`` is not given (the linear probe
 # chooses its own by cross-validation instead).
 FULL_WEIGHT_DECAY = 0.05
+
+
+def _location(value: Any) -> Path | str:
+    """A dataset's location as given: an object store URL stays a string, anything else is a path."""
+    if isinstance(value, Path):
+        return value
+    if not isinstance(value, str):
+        raise ValueError(f"expected a path or an s3:// URL, got {type(value).__name__}")
+    return value if is_url(value) else Path(value)
+
+
+# A local folder or file (a Path), or an object store URL such as s3://bucket/prefix (a string:
+# a Path would fold its '//').
+DataLocation = Annotated[Path | str, PlainValidator(_location)]
 
 # The key that marks a field of the full recipe only in its ``json_schema_extra``.
 FULL_ONLY = "full_only"
@@ -49,7 +64,9 @@ class FinetuneConfig(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    data: Path = Field(description="ImageFolder (one sub-folder per class) or CSV manifest (path,label)")
+    data: DataLocation = Field(
+        description="ImageFolder (one sub-folder per class) or CSV manifest (path,label), local or s3://"
+    )
     backbone: str = Field(
         description="Model to start from: catalog name, NAME, NAME:VERSION or NAME@ALIAS. Linear: several, "
         "comma-separated, or 'auto' (every offline catalog backbone): a probe on each, the best by "
@@ -57,8 +74,9 @@ class FinetuneConfig(BaseModel):
     )
     name: str = Field(description="Registry name of the new version.")
     mode: Mode = Field(default="linear", description="linear: new head on frozen features; full: train every layer.")
-    val_dir: Path | None = Field(
-        default=None, description="Validation ImageFolder or CSV (instead of a split of the training data)."
+    val_dir: DataLocation | None = Field(
+        default=None,
+        description="Validation ImageFolder or CSV, local or s3:// (instead of a split of the training data).",
     )
     val_fraction: float = Field(default=0.2, gt=0, lt=1, description="Share of each class held out for validation.")
     seed: int = Field(default=0, description="Seed of the split, the initialisation and the augmentation.")

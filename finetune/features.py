@@ -2,7 +2,9 @@
 
 The cache lives under the registry home (``<home>/backbones/feature-cache/``), one folder per model
 version and decode setting; the key of an image is the sha256 of its content, so a renamed or moved
-photo is still a hit and a changed one is a miss. Each run that computes something adds one shard
+photo is still a hit and a changed one is a miss. An object in a bucket (``s3://``) is keyed by the
+checksum its store lists (the ETag and the size, :mod:`finetune.objects`), never by downloading it
+to hash it: a re-run on unchanged objects reads none of them, an overwritten one is computed again. Each run that computes something adds one shard
 (a safetensors file: ``features``, ``logits``, and the image hashes in its metadata), written to a
 temporary name and renamed, so readers never see half a shard. Images that failed to decode are
 remembered too, so a second run on the same photos decodes nothing at all.
@@ -33,6 +35,7 @@ from models.files import replacing
 from models.registry import sha256_file
 from models.runtime import available_cores
 from models.spec import SPEC_FILENAME
+from models.storage import StorageError
 
 from .config import config_default
 from .data import Sample
@@ -238,8 +241,10 @@ def _compute(
 
     def decode(s: Sample) -> list[np.ndarray] | str:
         try:
-            return make_views[tuple(missing[s.sha256])](model.loader.decode(s.path))
-        except Exception as e:  # ImageError, or a file that vanished since the scan
+            return make_views[tuple(missing[s.sha256])](model.loader.decode(s.source()))
+        except StorageError:
+            raise  # the store, not the image: nothing is remembered as bad
+        except Exception as e:  # ImageError, or a file or object that vanished since the scan
             return str(e) or type(e).__name__
 
     fresh: dict[str, tuple[np.ndarray, np.ndarray]] = {}

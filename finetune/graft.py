@@ -112,8 +112,8 @@ def _verify(
     expect = Expectation(crop=loader.preprocess.crop, num_classes=len(head.bias), feature_dim=head.weight.shape[1])
     preflight(path, expect, sha256=sha256_file(path))
     session = OnnxSession(path, settings=Settings(providers="cpu"), warmup_batch=0)
-    out = session.run(loader.batch([s.path for s in samples]))
-    single = session.run(loader.batch([samples[0].path]))
+    out = session.run(loader.batch([s.source() for s in samples]))
+    single = session.run(loader.batch([samples[0].source()]))
     expected = head.logits(out.features)
     report: dict[str, Any] = {
         "images": len(samples),

@@ -18,10 +18,10 @@ from models.preprocess import ImageLoader
 from models.runtime import available_cores
 
 from .augment import eval_tensor_transform, train_transform
-from .data import Sample
+from .data import Sample, image_source
 from .distributed import DistContext, gather_rows
 
-Decode = Callable[[Path], Image.Image]
+Decode = Callable[[Path | bytes], Image.Image]
 
 
 def decode_workers(workers: int | None, world_size: int) -> int:
@@ -42,7 +42,8 @@ class ImageDataset(Dataset[tuple[torch.Tensor, int]]):
         return len(self.paths)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        return self.transform(self.decode(self.paths[i])), self.targets[i]
+        # an object is read here, in the loader's worker
+        return self.transform(self.decode(image_source(self.paths[i]))), self.targets[i]
 
 
 def training_batches(

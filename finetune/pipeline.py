@@ -307,7 +307,7 @@ class FinetuneRun:
             architecture=Architecture(family=arch.family, name=arch.name, num_classes=len(split.labels)),
             source={"finetune": self.config.mode, "backbone": parent.tag},
             training=spec_training(report),
-            verify_sources=[s.path for s in split.val[:VERIFY_IMAGES]],
+            verify_sources=[s.source() for s in split.val[:VERIFY_IMAGES]],
             extra_files=files,
         )
 

@@ -68,11 +68,12 @@ def html_report_path(registry: Registry, name: str, version: str) -> Path:
     return registry.own_dir(RUNS_DIRNAME, name, version, HTML_FILENAME)
 
 
-def _thumbnail(loader: ImageLoader, path: Path) -> str | None:
+def _thumbnail(loader: ImageLoader, sample: Sample) -> str | None:
+    """A small JPEG of ``sample``, decoded again from its file or its object's bytes."""
     try:
-        img = loader.decode(path)
-    except Exception as e:  # moved or changed since the run: the gallery says so
-        log.warning("no thumbnail of %s: %s", path, e)
+        img = loader.decode(sample.source())
+    except Exception as e:  # moved or changed since the run, or the store is away: the gallery says so
+        log.warning("no thumbnail of %s: %s", sample.path, e)
         return None
     img.thumbnail((THUMBNAIL_SIDE, THUMBNAIL_SIDE))
     buf = io.BytesIO()
@@ -89,7 +90,7 @@ def misclassified(
     wrong = [i for i, s in enumerate(samples) if int(probs[i].argmax()) != index[s.label]]
     wrong.sort(key=lambda i: -float(probs[i].max()))
     with ThreadPoolExecutor(max(1, workers)) as pool:
-        thumbs = list(pool.map(lambda i: _thumbnail(loader, samples[i].path), wrong))
+        thumbs = list(pool.map(lambda i: _thumbnail(loader, samples[i]), wrong))
     return [
         Miss(
             rel=samples[i].rel,

@@ -171,12 +171,12 @@ def make_split(
             )
         if not val:
             raise DatasetError(f"the validation data {val_set.source} has no usable image")
-        val_paths = {s.path.resolve() for s in val}
+        val_paths = {s.identity() for s in val}
         val_shas = {s.sha256 for s in val}
-        overlap = [s for s in train if s.path.resolve() in val_paths or s.sha256 in val_shas]
+        overlap = [s for s in train if s.identity() in val_paths or s.sha256 in val_shas]
         if overlap:
             for s in overlap:
-                same = "the same file" if s.path.resolve() in val_paths else "the same content"
+                same = "the same file" if s.identity() in val_paths else "the same content"
                 removed.append({"path": s.rel, "label": s.label, "reason": f"{same} is in the validation data"})
             _warn(
                 warnings,

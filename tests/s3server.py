@@ -1,54 +1,65 @@
-"""A real S3 API for the tests: moto's standalone server on a free 127.0.0.1 port (HTTP, the
-same requests AWS gets; not a mock of the client), with fake credentials and ``AWS_ENDPOINT_URL``
-in the environment, so that every client made afterwards talks to it the standard way: s3fs and
-botocore here, the CLI in subprocesses, decode workers and Ray workers.
+"""A real S3 API for the tests and the benchmarks: moto's standalone server (HTTP, the same
+requests AWS gets; not a mock of the client) in a process of its own on a free 127.0.0.1 port,
+with fake credentials and ``AWS_ENDPOINT_URL`` in the environment, so that every client made
+afterwards talks to it the standard way: s3fs and botocore here, the CLI in subprocesses, decode
+workers, Ray workers and servers.
 
     pytest_plugins = ("tests.s3server",)  # the session fixture ``s3``
 
     def test_x(s3: S3Server) -> None:
         s3.fs.pipe_file("bucket/key", b"...")
 
-:func:`serve` is the same without pytest; ``serve(own_process=True)`` runs the server in a
-process of its own (benchmarks: its requests then do not take this process's GIL), with moto's
-application routing every request to its S3 backend (moto otherwise looks the service up among
-all of its backends on every request, most of its CPU time per small GET).
+:func:`serve` is the same without pytest (a benchmark, or a store of a test's own that it stops).
+``python -m tests.s3server`` runs the server alone: it prints the port it listens on, then serves
+until killed.
+
+Every request goes to moto's S3 backend (moto otherwise looks the service up among all of its
+backends on every request, most of its CPU time per small GET). Requests are answered one at a
+time: moto checks a write's condition (``If-Match``, ``If-None-Match: *``) and then writes, in two
+steps, where AWS S3, GCS and MinIO do both atomically; serialized, the server has the store's
+guarantee while clients still race each other between their requests (which is what
+compare-and-swap has to survive). ``serialized=False`` (``--parallel``) answers requests
+concurrently, for throughput benchmarks that write no conditional object.
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
-import logging
 import os
-import socket
 import subprocess
 import sys
-import time
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
 
 # Recognisable on purpose: tests assert that neither ever appears in a file or a message.
 ACCESS_KEY = "AKIABACKBONESTEST000"
 SECRET_KEY = "backbones/test/secret/never/printed"
 REGION = "us-east-1"
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+WSGIApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
 
 
 @dataclass
 class S3Server:
-    """A running server: its endpoint, the environment a client needs, and a file system on it."""
+    """A running server: its endpoint, the environment a client needs, a file system on it, and
+    its process (terminate it to take the store away)."""
 
     endpoint: str
+    process: subprocess.Popen[str]
     env: dict[str, str] = field(default_factory=dict)
     fs: Any = None
-    process: subprocess.Popen[bytes] | None = None  # the server's, with own_process=True
+
+    @property
+    def port(self) -> int:
+        return int(self.endpoint.rsplit(":", 1)[1])
 
     def bucket(self, name: str, *, versioned: bool = False) -> str:
         """Create bucket ``name`` (if new); returns ``s3://name``."""
@@ -75,83 +86,81 @@ class S3Server:
         return found
 
 
-# moto's standalone server (``python -m moto.server``) with the S3 backend for every request
-_S3_SERVER = """
-import sys
-from werkzeug.serving import run_simple
-from moto.server import DomainDispatcherApplication, MotoRequestHandler, create_backend_app
+def _s3_app(serialized: bool) -> WSGIApp:
+    """moto's application with every request routed to its S3 backend, one request at a time
+    when ``serialized``."""
+    from moto.moto_server.werkzeug_app import DomainDispatcherApplication, create_backend_app
 
-class S3Only(DomainDispatcherApplication):
-    def get_application(self, environ):
-        with self.lock:
-            if "s3" not in self.app_instances:
-                self.app_instances["s3"] = self.create_app("s3")
-            return self.app_instances["s3"]
+    class S3Only(DomainDispatcherApplication):  # type: ignore[misc]
+        def get_application(self, environ: dict[str, Any]) -> Any:
+            with self.lock:
+                if "s3" not in self.app_instances:
+                    self.app_instances["s3"] = self.create_app("s3")
+                return self.app_instances["s3"]
 
-run_simple("127.0.0.1", int(sys.argv[1]), S3Only(create_backend_app), threaded=True, request_handler=MotoRequestHandler)
-"""
+    app: WSGIApp = S3Only(create_backend_app)
+    if not serialized:
+        return app
+    lock = threading.Lock()
+
+    def one_at_a_time(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        with lock:
+            return list(app(environ, start_response))
+
+    return one_at_a_time
 
 
-@contextlib.contextmanager
-def _moto(port: int, own_process: bool) -> Iterator[subprocess.Popen[bytes] | None]:
-    if not own_process:
-        from moto.server import ThreadedMotoServer
+def main(argv: Sequence[str] | None = None) -> None:
+    from moto.moto_server.werkzeug_app import MotoRequestHandler
+    from werkzeug.serving import make_server
 
-        logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one line per request otherwise
-        server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-        server.start()
-        try:
-            yield None
-        finally:
-            server.stop()
-        return
-    env = {**os.environ, "MOTO_PORT": str(port)}
-    proc = subprocess.Popen(
-        [sys.executable, "-c", _S3_SERVER, str(port)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
-                break
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("the moto server did not start")
-            time.sleep(0.1)
-        yield proc
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+    parser = argparse.ArgumentParser(description="moto's S3 server on a free local port (prints the port)")
+    parser.add_argument("--parallel", action="store_true", help="answer requests concurrently")
+    args = parser.parse_args(argv)
+    server = make_server("127.0.0.1", 0, _s3_app(not args.parallel), threaded=True, request_handler=MotoRequestHandler)
+    port = server.server_address[1]
+    os.environ["MOTO_PORT"] = str(port)  # where moto's responses say the server is
+    print(port, flush=True)
+    server.serve_forever()
 
 
 @contextlib.contextmanager
-def serve(*, own_process: bool = False) -> Iterator[S3Server]:
+def serve(*, serialized: bool = True) -> Iterator[S3Server]:
     """Start the server, point the AWS variables at it (restored afterwards), stop it at the end."""
     import s3fs
 
-    port = free_port()
-    endpoint = f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tests.s3server", *([] if serialized else ["--parallel"])],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    assert proc.stdout is not None
     env = {
         "AWS_ACCESS_KEY_ID": ACCESS_KEY,
         "AWS_SECRET_ACCESS_KEY": SECRET_KEY,
-        "AWS_ENDPOINT_URL": endpoint,
         "AWS_DEFAULT_REGION": REGION,
         "AWS_EC2_METADATA_DISABLED": "true",
+        "AWS_CONFIG_FILE": os.devnull,  # no profile of the machine's user gets in the way
+        "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
     }
-    saved = {k: os.environ.get(k) for k in [*env, "AWS_PROFILE", "AWS_SESSION_TOKEN"]}
-    for k in ("AWS_PROFILE", "AWS_SESSION_TOKEN"):
-        os.environ.pop(k, None)
-    os.environ.update(env)
+    saved = {k: os.environ.get(k) for k in [*env, "AWS_ENDPOINT_URL", "AWS_PROFILE", "AWS_SESSION_TOKEN"]}
     try:
-        with _moto(port, own_process) as process:
-            fs = s3fs.S3FileSystem(
-                key=ACCESS_KEY,
-                secret=SECRET_KEY,
-                endpoint_url=endpoint,
-                skip_instance_cache=True,
-                use_listings_cache=False,
-            )
-            yield S3Server(endpoint, env, fs, process)
+        port = proc.stdout.readline().strip()
+        if not port.isdigit():
+            raise RuntimeError("the moto server did not start")
+        env["AWS_ENDPOINT_URL"] = endpoint = f"http://127.0.0.1:{port}"
+        for k in ("AWS_PROFILE", "AWS_SESSION_TOKEN"):
+            os.environ.pop(k, None)
+        os.environ.update(env)
+        fs = s3fs.S3FileSystem(
+            key=ACCESS_KEY, secret=SECRET_KEY, endpoint_url=endpoint, skip_instance_cache=True, use_listings_cache=False
+        )
+        yield S3Server(endpoint, proc, env, fs)
     finally:
+        proc.terminate()
+        proc.wait(timeout=30)
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)
@@ -164,3 +173,7 @@ def s3() -> Iterator[S3Server]:
     """One S3 server for the session (make a bucket of your own: ``s3.bucket(name)``)."""
     with serve() as server:
         yield server
+
+
+if __name__ == "__main__":
+    main()

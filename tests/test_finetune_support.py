@@ -42,7 +42,7 @@ def make_dataset(root: Path, counts: dict[str, int], *, seed: int = 0, start: in
     return root
 
 
-def config(data: Path, name: str, **kwargs: Any) -> FinetuneConfig:
+def config(data: Path | str, name: str, **kwargs: Any) -> FinetuneConfig:
     """A config for the tiny CNN with the defaults the tests want (small batches, one worker)."""
     values: dict[str, Any] = {"backbone": "tiny_cnn", "name": name, "batch_size": 8, "workers": 0, **kwargs}
     return FinetuneConfig(data=data, **values)

@@ -6,15 +6,14 @@ concurrent alias moves from two processes, the CLI, and bad URLs."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import socket
 import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
@@ -26,56 +25,17 @@ from models.transfer import MARKER
 
 from .conftest import ROOT
 
+if TYPE_CHECKING:
+    from .s3server import S3Server
+
+pytest_plugins = ("tests.s3server",)  # the session's S3 server: the fixture ``s3``
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="session")
-def s3_endpoint() -> Iterator[str]:
-    """moto's S3 server in a process of its own, with fake credentials in this process's
-    environment (children inherit them): what botocore reads in production, nothing patched."""
-    server = subprocess.Popen(
-        [sys.executable, "-m", "tests.s3_server"],
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-    )
-    assert server.stdout is not None
-    endpoint = f"http://127.0.0.1:{int(server.stdout.readline())}"
-    env = {
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_DEFAULT_REGION": "us-east-1",
-        "AWS_ENDPOINT_URL": endpoint,
-        "AWS_CONFIG_FILE": os.devnull,  # no profile of the machine's user gets in the way
-        "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
-    }
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
-        yield endpoint
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-        server.kill()
-        server.wait()
-
-
-def new_bucket(endpoint: str) -> str:
-    import s3fs
-
-    bucket = f"reg-{uuid.uuid4().hex[:12]}"
-    s3fs.S3FileSystem(skip_instance_cache=True).mkdir(bucket)
-    return bucket
-
-
 @pytest.fixture
-def s3_url(s3_endpoint: str) -> str:
+def s3_url(s3: S3Server) -> str:
     """An empty registry in a bucket of its own, below a prefix."""
-    return f"s3://{new_bucket(s3_endpoint)}/team/registry"
+    return s3.bucket(f"reg-{uuid.uuid4().hex[:12]}") + "/team/registry"
 
 
 @pytest.fixture(params=["s3", "file"])
@@ -431,7 +391,7 @@ def closed_port() -> int:
     ],
 )
 def test_bad_registry_urls_get_one_clear_line(
-    run_cli, s3_endpoint: str, args: list[str], env: dict[str, str], message: str
+    run_cli, s3: S3Server, args: list[str], env: dict[str, str], message: str
 ) -> None:  # type: ignore[no-untyped-def]
     started = time.monotonic()
     result = run_cli(*args, extra_env=env)

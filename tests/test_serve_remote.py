@@ -1,5 +1,5 @@
 """`backbones serve` following a registry in object storage: the real server (two workers) with an
-empty local store, against moto's S3 server (tests/s3_server.py) reached through a gate the test
+empty local store, against moto's S3 server (tests/s3server.py) reached through a gate the test
 can close and reopen, so the bucket can go away and come back with its content.
 
 Cold start (pull, verify, preflight, serve; one download for the machine), an alias moved in the
@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 import pytest
@@ -30,8 +30,12 @@ from models.remote import RemoteRegistry
 
 from .conftest import ROOT, jpeg_bytes
 from .serving import Server, free_port, start_server, stop_server
-from .test_remote import new_bucket, s3_endpoint, tamper  # noqa: F401  (a fixture: the S3 server)
+from .test_remote import tamper
 
+if TYPE_CHECKING:
+    from .s3server import S3Server
+
+pytest_plugins = ("tests.s3server",)  # the session's S3 server: the fixture ``s3``
 pytestmark = pytest.mark.slow
 
 REF = "tiny_cnn@production"
@@ -124,10 +128,9 @@ class Bucket:
 
 
 @pytest.fixture(scope="module")
-def bucket(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Bucket:
+def bucket(s3: S3Server, tmp_path_factory: pytest.TempPathFactory) -> Bucket:
     """The bucket, as a publisher left it: two versions, production on the first."""
-    endpoint = request.getfixturevalue("s3_endpoint")
-    url = f"s3://{new_bucket(endpoint)}/registry"
+    url = s3.bucket("serve-remote") + "/registry"
     publisher = Registry(tmp_path_factory.mktemp("publisher") / "bentoml")
     first = export_catalog("tiny_cnn", registry=publisher)
     fields = first.spec.model_dump(exclude={"name", "version", "created_at", "files"})
@@ -138,7 +141,7 @@ def bucket(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
     for v in (first, second):
         remote.push(publisher, v.tag)
     remote.set_alias(first.tag, "production")
-    return Bucket(url, int(endpoint.rsplit(":", 1)[1]), publisher, [first, second])
+    return Bucket(url, s3.port, publisher, [first, second])
 
 
 @dataclass

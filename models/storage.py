@@ -1,7 +1,7 @@
-"""Where the batch job reads and writes: local paths, or objects in an S3-compatible store
-(``s3://bucket/key``). Listing, reading manifests and records, deleting and the job lock go
-through fsspec and s3fs (botocore); the images' bytes (:mod:`embed.reads`) and the objects a
-job writes through Arrow's S3 file system (the AWS C++ SDK, which Ray Data uses for ``s3://``
+"""Where the batch job and fine-tuning read images (and the job writes its output): local paths,
+or objects in an S3-compatible store (``s3://bucket/key``). Listing, reading manifests and
+records, deleting and the job lock go through fsspec and s3fs (botocore); the images' bytes
+(:func:`read_object`) and the objects a job writes through Arrow's S3 file system (the AWS C++ SDK, which Ray Data uses for ``s3://``
 too): it takes a fraction of botocore's CPU per request, holds no Python lock while it waits,
 and costs a process no botocore import, so Ray's write tasks start writing at once.
 
@@ -19,13 +19,15 @@ from __future__ import annotations
 
 import contextlib
 import os
+import posixpath
 import re
 import threading
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import IO, Any
 from urllib.parse import urlsplit
 
-from models.errors import BackbonesError
+from .errors import BackbonesError, ImageError
 
 SCHEMES = ("s3",)  # object stores the job reads and writes
 
@@ -168,8 +170,42 @@ def reporting(url: str, doing: str, error: type[BackbonesError] = StorageError) 
         raise error(describe(e, url, doing)) from None
 
 
+def resolve_location(value: str, base: str) -> str:
+    """A path in a manifest kept at ``base`` (its folder or prefix): an object URL as it is (once
+    checked), an absolute path as it is, a relative path against ``base``."""
+    if is_url(value):
+        check_url(value)
+        return value
+    if is_url(base):  # keys have no '..': resolve it here, as a folder would
+        parts = urlsplit(base)
+        return (
+            value
+            if value.startswith("/")
+            else f"{parts.scheme}://{parts.netloc}{posixpath.normpath(posixpath.join(parts.path or '/', value))}"
+        )
+    rel = Path(value)
+    return str(rel if rel.is_absolute() else Path(base) / rel)
+
+
 def open_binary(location: str) -> IO[bytes]:
     """A local file or an object, opened for reading."""
     if not is_url(location):
         return open(location, "rb")
     return filesystem(location).open(location, "rb")  # type: ignore[no-any-return]
+
+
+def read_object(url: str) -> bytes:
+    """An object's bytes, read with Arrow's S3 file system. A missing or forbidden object raises
+    :class:`models.errors.ImageError` (that image fails); any other failure of the store raises
+    :class:`StorageError`."""
+    try:
+        with arrow_fs(url).open_input_stream(url.split("://", 1)[1]) as f:
+            return f.readall()  # type: ignore[no-any-return]
+    except FileNotFoundError:
+        raise ImageError(f"no such object: {url}", kind="undecodable") from None
+    except OSError as e:
+        if "ACCESS_DENIED" in str(e) or isinstance(e, PermissionError):
+            raise ImageError(f"access denied: {url}", kind="unreadable") from None
+        if "Not a regular file" in str(e):
+            raise ImageError(f"not an object: {url}", kind="undecodable") from None
+        raise StorageError(f"cannot read {url}: {arrow_error(e)}") from None
