@@ -4,6 +4,7 @@ server sees the same photos in the same order."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -87,6 +88,17 @@ class ServerProcess:
         except subprocess.TimeoutExpired:
             self._signal(signal.SIGKILL)
             self.proc.wait(timeout=10)
+        # what it started lives on in its process group (Triton's server and model stubs outlive
+        # PyTriton's Python process): gone within a few seconds, or killed
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                os.killpg(self.proc.pid, 0)
+            except ProcessLookupError:
+                return
+            time.sleep(0.1)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
 
 
 def backbones(refs: list[str], env: dict[str, str], model: str | None = None) -> ServerProcess:
