@@ -168,6 +168,10 @@ def quantize_graph(
                 # U8 activations with S8 weights: the combination ONNX Runtime's CPU kernels are made for
                 activation_type=QuantType.QUInt8,
                 weight_type=QuantType.QInt8,
+                # weights in 7 bits: CPUs without VNNI (AVX2, AVX-512 before it) add u8 x s8 products in
+                # pairs into saturating 16-bit sums, which full-range weights can overflow; the graph
+                # must agree with its parent on whichever CPU serves it, not only on this one
+                reduce_range=True,
                 calibrate_method=method,
                 nodes_to_exclude=excluded,
                 extra_options={"WeightSymmetric": True, "ActivationSymmetric": False},
@@ -179,6 +183,7 @@ def quantize_graph(
         "per_channel": True,
         "activations": "uint8",
         "weights": "int8",
+        "weight_bits": 7,
         "convs": len(convs),
         "float_convs": excluded,
     }
