@@ -28,7 +28,7 @@ import re
 import shutil
 import socket
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -94,6 +94,21 @@ class Ref:
         if self.alias:
             return f"{self.name}@{self.alias}"
         return f"{self.name}:{self.version}" if self.version else self.name
+
+    def pick_version(self, versions: Collection[str], where: str = "") -> str:
+        """The one of ``versions`` this reference's version names: itself, or the only one it is
+        a prefix of (the local and the remote registry's rule; ``where`` names the remote)."""
+        assert self.version, "a reference with a version"
+        if self.version in versions:
+            return self.version
+        matches = sorted(v for v in versions if v.startswith(self.version))
+        if len(matches) == 1:
+            return matches[0]
+        place = f" in {where}" if where else ""
+        if matches:
+            raise UnknownModelError(f"{self} is ambiguous{place}: matches {', '.join(matches)}")
+        known = ", ".join(sorted(versions))
+        raise UnknownModelError(f"{self.name} has no version {self.version!r}{place} (versions: {known})")
 
 
 def _registry_name(name: str) -> str:
@@ -399,14 +414,7 @@ class Registry:
             known = ", ".join(self.names()) or "none yet"
             raise UnknownModelError(f"no registered model {r.name!r} (registered: {known})")
         if r.version:
-            if r.version in versions:
-                return r.name, r.version
-            matches = [v for v in versions if v.startswith(r.version)]
-            if len(matches) == 1:
-                return r.name, matches[0]
-            if len(matches) > 1:
-                raise UnknownModelError(f"{r} is ambiguous: matches {', '.join(matches)}")
-            raise UnknownModelError(f"{r.name} has no version {r.version!r} (versions: {', '.join(versions)})")
+            return r.name, r.pick_version(versions)
         book = self.aliases(r.name)
         if PRODUCTION in book and book[PRODUCTION] in versions:
             return r.name, book[PRODUCTION]

@@ -162,14 +162,7 @@ class RemoteRegistry:
             known = ", ".join(self.names()) or "none yet"
             raise UnknownModelError(f"no model {r.name!r} in {self.url} (there: {known})")
         if r.version:
-            if r.version in committed:
-                return r.name, r.version
-            matches = sorted(v for v in committed if v.startswith(r.version))
-            if len(matches) == 1:
-                return r.name, matches[0]
-            if matches:
-                raise UnknownModelError(f"{r} is ambiguous in {self.url}: matches {', '.join(matches)}")
-            raise UnknownModelError(f"{r.name} has no version {r.version!r} in {self.url}")
+            return r.name, r.pick_version(committed, self.url)
         if book.get(PRODUCTION) in committed:
             return r.name, book[PRODUCTION]
         newest = self.versions(r.name)

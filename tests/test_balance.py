@@ -6,7 +6,6 @@ from __future__ import annotations
 import http.client
 import os
 import signal
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,7 +15,7 @@ import pytest
 from service.balance import ConnectionBoard
 
 from .conftest import jpeg_bytes, registry_with
-from .serving import FORM_TYPE, Server, image_upload, start_server, stop_server
+from .serving import FORM_TYPE, Server, image_upload, start_server, stop_server, wait_for
 
 CLIENTS = 16
 
@@ -72,13 +71,6 @@ def held(server: Server) -> list[int]:
     return counts
 
 
-def wait_until_held(server: Server, expected: list[int], timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while held(server) != expected and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert held(server) == expected
-
-
 @pytest.mark.slow
 def test_connections_that_all_landed_on_one_worker_spread_over_both(two_workers: Server) -> None:
     server = two_workers
@@ -91,7 +83,7 @@ def test_connections_that_all_landed_on_one_worker_spread_over_both(two_workers:
         try:
             for client in clients:
                 client.connect()
-            wait_until_held(server, [CLIENTS, 0])
+            wait_for(lambda: held(server) == [CLIENTS, 0], 30, "every connection on the first worker")
         finally:
             os.kill(second.pid, signal.SIGCONT)
         statuses: list[int] = []

@@ -24,7 +24,7 @@ from models import Registry
 from models.export import export_catalog
 
 from .conftest import jpeg_bytes
-from .serving import FORM_TYPE, Server, image_upload, start_server, stop_server
+from .serving import FORM_TYPE, Server, image_upload, start_server, stop_server, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -97,15 +97,6 @@ def hammer(server: Server, stop: threading.Event, outcomes: list[Outcome], image
             outcomes.append(Outcome(started, time.monotonic(), r.status_code, "" if r.is_success else r.text))
         except httpx.HTTPError as e:
             outcomes.append(Outcome(started, time.monotonic(), None, f"{type(e).__name__}: {e}"))
-
-
-def wait_for(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if value := predicate():
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"{what}: not within {timeout} s")
 
 
 # -- shutdown -------------------------------------------------------------------------------------

@@ -16,10 +16,10 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import httpx
 import pytest
@@ -29,7 +29,7 @@ from models.export import export_catalog
 from models.remote import RemoteRegistry
 
 from .conftest import ROOT, jpeg_bytes
-from .serving import Server, free_port, start_server, stop_server
+from .serving import Server, free_port, start_server, stop_server, wait_for
 from .test_remote import tamper
 
 if TYPE_CHECKING:
@@ -212,15 +212,6 @@ class Clients:
 
     def models_since(self, since: float) -> list[str]:
         return [m for t, status, m in list(self.answers) if t >= since and status == 200]
-
-
-def wait_for(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if value := predicate():
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"{what}: not within {timeout} s")
 
 
 def all_answer_with(clients: Clients, tag: str, since: float, count: int = 40) -> bool:
