@@ -119,9 +119,12 @@ class InferenceModel:
         self.stored = stored
         self.spec: VersionSpec = stored.spec
         self.tag = stored.spec.tag
-        self.session = open_version(stored, settings=settings, threads=threads, preflight=preflight, memo_dir=memo_dir)
+        if preflight:
+            check_version(stored, settings=settings, memo_dir=memo_dir)
+        graph = read_verified(stored)  # as open_version does; read and hashed once for both sessions
+        self.session = OnnxSession(graph, settings=settings, threads=threads)
         self.lone_session = (
-            open_version(stored, settings=settings, threads=lone_threads, preflight=False)  # checked just above
+            OnnxSession(graph, settings=settings, threads=lone_threads)
             if lone_threads and lone_threads != threads
             else self.session
         )
